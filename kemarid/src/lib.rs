@@ -1,0 +1,1 @@
+//! kemarid library
