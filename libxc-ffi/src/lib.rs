@@ -1,1 +1,2 @@
-//! placeholder, replaced by its owner
+//! libxc-ffi: the only place in the workspace that talks C to Xen's libraries.
+pub mod sys;
