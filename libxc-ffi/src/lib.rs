@@ -52,3 +52,30 @@ pub use xenstore::{
 
 /// Size of a guest page (x86).
 pub const PAGE_SIZE: usize = 4096;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send<T: Send>() {}
+    fn sync<T: Sync>() {}
+
+    #[test]
+    fn thread_safety_markers() {
+        send::<XenCtrl>();
+        sync::<XenCtrl>();
+        send::<DirtyBitmapBuffer>();
+        send::<XenEvtchn>();
+        send::<XenGnttab>();
+        sync::<XenGnttab>();
+        send::<GrantMapping>();
+        send::<XenForeignMemory>();
+        sync::<XenForeignMemory>();
+        send::<ForeignMapping>();
+        send::<ResourceMapping>();
+        send::<XenStore>();
+        sync::<XenStore>();
+        send::<Transaction<'static>>();
+        send::<HeapMemory>();
+    }
+}

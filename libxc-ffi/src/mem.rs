@@ -325,6 +325,10 @@ impl HeapMemory {
 
 impl_guest_memory!(HeapMemory);
 
+// SAFETY: HeapMemory owns its storage (the Region points into it); moving both to another
+// thread together is fine.  Not Sync, like the real mappings.
+unsafe impl Send for HeapMemory {}
+
 impl core::fmt::Debug for HeapMemory {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("HeapMemory")

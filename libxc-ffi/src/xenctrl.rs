@@ -1165,3 +1165,243 @@ impl EvtchnStatus {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_gate_accepts_4_17_only() {
+        assert_eq!(
+            check_version((4 << 16) | 17).unwrap(),
+            XenVersion {
+                major: 4,
+                minor: 17
+            }
+        );
+        for (maj, min) in [(4u32, 16u32), (4, 18), (4, 170), (3, 17), (5, 0), (0, 0)] {
+            match check_version((maj << 16) | min) {
+                Err(XcError::WrongXenVersion {
+                    found_major,
+                    found_minor,
+                }) => assert_eq!((found_major, found_minor), (maj, min)),
+                other => panic!("{maj}.{min}: {other:?}"),
+            }
+        }
+        let msg = check_version(0x4_0012).unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            "the running hypervisor is Xen 4.18, but libxc-ffi supports Xen 4.17 only \
+             (its domctl/libxenctrl ABI changes between releases)"
+        );
+        assert_eq!(XenVersion::from_raw(0x4_0011).to_string(), "4.17");
+    }
+
+    fn raw_info(domid: u16, flags: u32) -> t::xc_domaininfo_t {
+        let mut r = zeroed_dominfo();
+        r.domain = domid;
+        r.flags = flags;
+        r.tot_pages = 262_144;
+        r.max_pages = 262_400;
+        r.shared_info_frame = 0xfefff;
+        r.cpu_time = 5_000_000_000;
+        r.nr_online_vcpus = 4;
+        r.max_vcpu_id = 3;
+        r.handle = [
+            0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab,
+            0xcd, 0xef,
+        ];
+        r
+    }
+
+    #[test]
+    fn domain_info_decodes_every_flag() {
+        let d = DomainInfo::from_raw(&raw_info(
+            7,
+            t::XEN_DOMINF_hvm_guest | t::XEN_DOMINF_hap | t::XEN_DOMINF_paused,
+        ));
+        assert_eq!(d.domid, 7);
+        assert!(d.hvm && d.hap && d.paused);
+        assert!(!d.running && !d.dying && !d.blocked && !d.debugged && !d.xs_domain);
+        assert_eq!(d.shutdown, None);
+        assert_eq!(d.nr_pages, 262_144);
+        assert_eq!(d.max_pages, 262_400);
+        assert_eq!(d.shared_info_frame, 0xfefff);
+        assert_eq!(d.cpu_time, 5_000_000_000);
+        assert_eq!(d.max_vcpu_id, Some(3));
+        assert_eq!(d.nr_online_vcpus, 4);
+        assert_eq!(d.uuid(), "12345678-9abc-def0-0123-456789abcdef");
+
+        let all = t::XEN_DOMINF_dying
+            | t::XEN_DOMINF_running
+            | t::XEN_DOMINF_blocked
+            | t::XEN_DOMINF_debugged
+            | t::XEN_DOMINF_xs_domain;
+        let d = DomainInfo::from_raw(&raw_info(1, all));
+        assert!(d.dying && d.running && d.blocked && d.debugged && d.xs_domain);
+        assert!(!d.hvm && !d.hap && !d.paused);
+        assert_eq!(d.flags, all);
+    }
+
+    #[test]
+    fn shutdown_reason_is_decoded_only_when_shut_down() {
+        let with_code = |code: u32| t::XEN_DOMINF_shutdown | (code << t::XEN_DOMINF_shutdownshift);
+        let reason = |flags| DomainInfo::from_raw(&raw_info(2, flags)).shutdown;
+        assert_eq!(
+            reason(with_code(t::SHUTDOWN_poweroff)),
+            Some(ShutdownReason::Poweroff)
+        );
+        assert_eq!(
+            reason(with_code(t::SHUTDOWN_reboot)),
+            Some(ShutdownReason::Reboot)
+        );
+        assert_eq!(
+            reason(with_code(t::SHUTDOWN_suspend)),
+            Some(ShutdownReason::Suspend)
+        );
+        assert_eq!(
+            reason(with_code(t::SHUTDOWN_crash)),
+            Some(ShutdownReason::Crash)
+        );
+        assert_eq!(
+            reason(with_code(t::SHUTDOWN_watchdog)),
+            Some(ShutdownReason::Watchdog)
+        );
+        assert_eq!(
+            reason(with_code(t::SHUTDOWN_soft_reset)),
+            Some(ShutdownReason::SoftReset)
+        );
+        assert_eq!(reason(with_code(200)), Some(ShutdownReason::Other(200)));
+        // A code without the shutdown flag is not a shutdown.
+        assert_eq!(
+            reason(t::SHUTDOWN_crash << t::XEN_DOMINF_shutdownshift),
+            None
+        );
+    }
+
+    #[test]
+    fn domain_without_vcpus_has_no_max_vcpu_id() {
+        let mut r = raw_info(3, 0);
+        r.max_vcpu_id = u32::MAX;
+        assert_eq!(DomainInfo::from_raw(&r).max_vcpu_id, None);
+    }
+
+    #[test]
+    fn dirty_bitmap_decodes_xen_byte_layout() {
+        // pfn 0, 9, 63, 64 and 70 dirty; byte layout: bit pfn%8 of byte pfn/8.
+        let mut bytes = vec![0u8; 16];
+        for pfn in [0usize, 9, 63, 64, 70] {
+            bytes[pfn / 8] |= 1 << (pfn % 8);
+        }
+        let b = DirtyBitmap::from_bytes(&bytes, 128);
+        assert_eq!(b.pages(), 128);
+        assert_eq!(b.count(), 5);
+        assert!(b.iter_dirty().eq([0, 9, 63, 64, 70]));
+        assert!(b.is_dirty(63) && b.is_dirty(64) && !b.is_dirty(65));
+        assert_eq!(
+            b.words(),
+            &[(1 << 0) | (1 << 9) | (1 << 63), (1 << 0) | (1 << 6)]
+        );
+    }
+
+    #[test]
+    fn dirty_bitmap_ignores_bits_beyond_the_page_count() {
+        // 70 pages: the junk in bits 70.. of the second word must not count.
+        let b = DirtyBitmap::from_bytes(&[0xff; 16], 70);
+        assert_eq!(b.count(), 70);
+        assert!(b.is_dirty(69) && !b.is_dirty(70) && !b.is_dirty(10_000));
+        // Short input: missing bytes are clean.
+        let b = DirtyBitmap::from_bytes(&[0x01], 200);
+        assert_eq!((b.count(), b.words().len()), (1, 4));
+        assert_eq!(bitmap_bytes(0), 0);
+        assert_eq!(bitmap_bytes(1), 8);
+        assert_eq!(bitmap_bytes(64), 8);
+        assert_eq!(bitmap_bytes(65), 16);
+    }
+
+    #[test]
+    fn dirty_bitmap_set_union_clear() {
+        let mut a = DirtyBitmap::new(100);
+        a.set(5);
+        a.set(99);
+        a.set(100); // beyond the end: ignored
+        let mut b = DirtyBitmap::new(200);
+        b.set(6);
+        b.set(150);
+        a.union_with(&b);
+        assert!(a.iter_dirty().eq([5, 6, 99]));
+        a.clear();
+        assert_eq!(a.count(), 0);
+    }
+
+    fn raw_status(status: u32) -> t::xc_evtchn_status_t {
+        // SAFETY: plain integers; all-zero is valid.
+        let mut s: t::xc_evtchn_status_t = unsafe { core::mem::zeroed() };
+        s.dom = 9;
+        s.port = 12;
+        s.vcpu = 2;
+        s.status = status;
+        s
+    }
+
+    #[test]
+    fn evtchn_status_decodes_each_state() {
+        let mut s = raw_status(t::EVTCHNSTAT_interdomain);
+        s.u.interdomain.dom = 0;
+        s.u.interdomain.port = 33;
+        let d = EvtchnStatus::from_raw(&s);
+        assert_eq!((d.domid, d.port, d.vcpu), (9, 12, 2));
+        assert_eq!(
+            d.state,
+            EvtchnState::Interdomain {
+                remote_domid: 0,
+                remote_port: 33
+            }
+        );
+        let mut s = raw_status(t::EVTCHNSTAT_unbound);
+        s.u.unbound.dom = 4;
+        assert_eq!(
+            EvtchnStatus::from_raw(&s).state,
+            EvtchnState::Unbound { remote_domid: 4 }
+        );
+        let mut s = raw_status(t::EVTCHNSTAT_pirq);
+        s.u.pirq = 17;
+        assert_eq!(EvtchnStatus::from_raw(&s).state, EvtchnState::Pirq(17));
+        let mut s = raw_status(t::EVTCHNSTAT_virq);
+        s.u.virq = 1;
+        assert_eq!(EvtchnStatus::from_raw(&s).state, EvtchnState::Virq(1));
+        assert_eq!(
+            EvtchnStatus::from_raw(&raw_status(t::EVTCHNSTAT_ipi)).state,
+            EvtchnState::Ipi
+        );
+        assert_eq!(
+            EvtchnStatus::from_raw(&raw_status(t::EVTCHNSTAT_closed)).state,
+            EvtchnState::Closed
+        );
+        assert_eq!(
+            EvtchnStatus::from_raw(&raw_status(77)).state,
+            EvtchnState::Unknown(77)
+        );
+    }
+
+    #[test]
+    fn opening_the_real_library_without_xen_fails_with_errno() {
+        if std::path::Path::new("/dev/xen/privcmd").exists() {
+            eprintln!("skipped: this machine runs Xen (see tests/dom0.rs)");
+            return;
+        }
+        match XenCtrl::open() {
+            // libxen-dev installed: the library loads, xc_interface_open fails (no privcmd).
+            Err(XcError::Open { errno }) => {
+                assert_ne!(errno.raw(), 0);
+                let msg = XcError::Open { errno }.to_string();
+                assert!(msg.starts_with("xc_interface_open failed: errno"), "{msg}");
+            }
+            // No Xen libraries at all.
+            Err(XcError::Load(LoadError::NotFound { soname, .. })) => {
+                assert_eq!(soname, "libxenctrl.so.4.17");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

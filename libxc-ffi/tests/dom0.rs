@@ -1,0 +1,109 @@
+//! Against the real hypervisor: run as root in a Xen 4.17 dom0 with
+//!
+//!     KEMARI_TEST_DOMID=<domid of a running HVM/PVH guest> \
+//!         cargo test -p libxc-ffi --test dom0 -- --ignored --nocapture
+//!
+//! Without KEMARI_TEST_DOMID only the dom0-wide checks run.  The test pauses the guest
+//! briefly and turns log-dirty on and off again; use a scratch guest.
+
+// A test crate: helpers outside #[test] functions may unwrap too (clippy.toml allows it
+// only inside them).
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use libxc_ffi::consts::*;
+use libxc_ffi::*;
+
+fn guest() -> Option<u32> {
+    std::env::var("KEMARI_TEST_DOMID")
+        .ok()
+        .map(|v| v.parse().expect("KEMARI_TEST_DOMID"))
+}
+
+#[test]
+#[ignore = "needs root in a Xen 4.17 dom0"]
+fn dom0_hypervisor_and_xenstore() {
+    let xc = XenCtrl::open().expect("XenCtrl::open");
+    println!("Xen {}{}", xc.version(), xc.extraversion().unwrap());
+    let doms = xc.domain_list().unwrap();
+    assert_eq!(doms[0].domid, 0);
+    for d in &doms {
+        println!(
+            "dom {:>4} {} hvm={} hap={} paused={} pages={} vcpus={:?}",
+            d.domid,
+            d.uuid(),
+            d.hvm,
+            d.hap,
+            d.paused,
+            d.nr_pages,
+            d.max_vcpu_id
+        );
+    }
+    let xs = XenStore::open().expect("XenStore::open");
+    assert_eq!(xs.get_domain_path(0).unwrap(), "/local/domain/0");
+    assert!(!xs.directory("/local/domain").unwrap().is_empty());
+
+    let Some(domid) = guest() else {
+        println!("KEMARI_TEST_DOMID not set: guest checks skipped");
+        return;
+    };
+    let info = xc.domain_info(domid).unwrap();
+    assert!(
+        info.hvm && info.hap,
+        "the test guest must be HVM/PVH with HAP"
+    );
+
+    // Pause / unpause.
+    xc.pause(domid).unwrap();
+    assert!(xc.domain_info(domid).unwrap().paused);
+    // HVM context while paused.
+    let ctx = xc.hvm_getcontext(domid).unwrap();
+    assert!(ctx.len() > 8);
+    let cpu = xc.hvm_cpu_context(domid, 0).unwrap();
+    println!(
+        "vcpu0 rip={:#x} cr3={:#x}, context {} bytes",
+        cpu.rip,
+        cpu.cr3,
+        ctx.len()
+    );
+    xc.unpause(domid).unwrap();
+    assert!(!xc.domain_info(domid).unwrap().paused);
+
+    // Log-dirty: enable, let the guest run, clean, count.
+    let pages = xc.maximum_gpfn(domid).unwrap() + 1;
+    let mut buf = xc.dirty_bitmap_buffer(pages).unwrap();
+    xc.logdirty_enable(domid).unwrap();
+    xc.logdirty_clean(domid, &mut buf, false).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    xc.pause(domid).unwrap();
+    let t = Instant::now();
+    let stats = xc.logdirty_clean(domid, &mut buf, true).unwrap();
+    let harvest = t.elapsed();
+    xc.unpause(domid).unwrap();
+    let bitmap = buf.to_bitmap();
+    println!(
+        "log-dirty: {} of {pages} pages dirty in 200 ms (Xen says {}), harvest {harvest:?}",
+        bitmap.count(),
+        stats.dirty_count
+    );
+    assert_eq!(stats.pages, pages);
+    xc.logdirty_off(domid).unwrap();
+
+    // Map a guest page (the xenstore ring page) read-only and read it.
+    let store_pfn = xc.hvm_param_get(domid, HVM_PARAM_STORE_PFN).unwrap();
+    let fm = XenForeignMemory::open().unwrap();
+    let page = fm.map_page(domid, store_pfn, false).unwrap();
+    let mut head = [0u8; 16];
+    page.read_into(0, &mut head).unwrap();
+    println!("store page {store_pfn:#x}: {head:02x?}");
+
+    // Xenstore: read the guest's name, watch it.
+    let home = xs.get_domain_path(domid).unwrap();
+    let name = xs.read_string(&format!("{home}/name")).unwrap();
+    println!("guest name {name:?}");
+    xs.watch(&format!("{home}/name"), "selftest").unwrap();
+    let ev = xs.read_watch().unwrap();
+    assert_eq!(ev.token, "selftest");
+    xs.unwatch(&format!("{home}/name"), "selftest").unwrap();
+}
