@@ -132,19 +132,14 @@ impl HvmContextBuilder {
     }
 
     /// Appends one record.
-    pub fn record(
-        mut self,
-        typecode: u16,
-        instance: u16,
-        body: &[u8],
-    ) -> Result<HvmContextBuilder, HvmSaveError> {
+    pub fn push(&mut self, typecode: u16, instance: u16, body: &[u8]) -> Result<(), HvmSaveError> {
         let length =
             u32::try_from(body.len()).map_err(|_| HvmSaveError::BodyTooLong { len: body.len() })?;
         self.blob.extend_from_slice(&typecode.to_le_bytes());
         self.blob.extend_from_slice(&instance.to_le_bytes());
         self.blob.extend_from_slice(&length.to_le_bytes());
         self.blob.extend_from_slice(body);
-        Ok(self)
+        Ok(())
     }
 
     /// Appends the `END` record and returns the blob.
@@ -160,14 +155,11 @@ mod tests {
 
     #[test]
     fn build_parse_find_roundtrip() {
-        let blob = HvmContextBuilder::new()
-            .record(HVM_SAVE_HEADER, 0, &[1, 2, 3, 4])
-            .unwrap()
-            .record(HVM_SAVE_CPU, 0, &[5; 10])
-            .unwrap()
-            .record(HVM_SAVE_CPU, 1, &[6; 3])
-            .unwrap()
-            .finish();
+        let mut b = HvmContextBuilder::new();
+        b.push(HVM_SAVE_HEADER, 0, &[1, 2, 3, 4]).unwrap();
+        b.push(HVM_SAVE_CPU, 0, &[5; 10]).unwrap();
+        b.push(HVM_SAVE_CPU, 1, &[6; 3]).unwrap();
+        let blob = b.finish();
         assert_eq!(blob.len(), 3 * 8 + 4 + 10 + 3 + 8);
         let records = parse(&blob).unwrap();
         assert_eq!(records.len(), 3);
@@ -181,10 +173,9 @@ mod tests {
 
     #[test]
     fn malformed_contexts_are_rejected() {
-        let good = HvmContextBuilder::new()
-            .record(HVM_SAVE_HEADER, 0, &[9; 16])
-            .unwrap()
-            .finish();
+        let mut b = HvmContextBuilder::new();
+        b.push(HVM_SAVE_HEADER, 0, &[9; 16]).unwrap();
+        let good = b.finish();
         assert_eq!(parse(&[]), Err(HvmSaveError::MissingEnd { len: 0 }));
         // Without the END record.
         assert_eq!(

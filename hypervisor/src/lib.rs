@@ -39,6 +39,7 @@ mod gnttab;
 pub mod hvm_save;
 mod logdirty;
 
+pub mod mem;
 mod memory;
 mod xenstore;
 
