@@ -91,7 +91,7 @@ vars=(
   'XEN_DOMINF_.*' 'XEN_DOMCTL_SHADOW_.*' 'XEN_DOMCTL_INTERFACE_VERSION' 'XEN_INVALID_MAX_VCPU_ID'
   'XENVER_version' 'XENVER_extraversion' 'XEN_EXTRAVERSION_LEN'
   'HVM_PARAM_.*' 'XENMAPSPACE_.*' 'XENMEM_resource_.*'
-  'EVTCHNSTAT_.*' 'SHUTDOWN_.*'
+  'EVTCHNSTAT_.*' 'SHUTDOWN_.*' 'XEN_X86_EMU_.*'
   'XS_PERM_.*' 'XS_UNWATCH_FILTER' 'XBT_NULL'
 )
 join() { local IFS='|'; echo "$*"; }

@@ -43,8 +43,8 @@ pub use loader::{
 pub use mem::{GuestMemory, HeapMemory, MemError};
 pub use xenctrl::{
     bitmap_bytes, check_version, DirtyBitmap, DirtyBitmapBuffer, DomainInfo, EvtchnState,
-    EvtchnStatus, LogDirtyStats, ShutdownReason, VcpuContext, XcError, XenCtrl, XenVersion,
-    SUPPORTED_XEN,
+    EvtchnStatus, GuestType, LogDirtyStats, ShutdownReason, VcpuContext, XcError, XenCtrl,
+    XenVersion, SUPPORTED_XEN,
 };
 pub use xenstore::{
     Access, Permission, Transaction, WatchEvent, XenStore, XsError, TRANSACTION_RETRIES,

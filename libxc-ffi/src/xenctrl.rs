@@ -360,7 +360,7 @@ impl XenCtrl {
             fault_count: 0,
             dirty_count: 0,
         };
-        let (hdr, pages) = match buf {
+        let (hdr, pages, buf_for_tail) = match buf {
             Some(b) => {
                 if !Arc::ptr_eq(&b.xc, &self.inner) {
                     return Err(XcError::Invalid {
@@ -369,9 +369,13 @@ impl XenCtrl {
                         reason: "bitmap buffer was allocated on another xc_interface".into(),
                     });
                 }
-                (&mut *b.hdr as *mut t::xc_hypercall_buffer_t, b.pages)
+                (
+                    &mut *b.hdr as *mut t::xc_hypercall_buffer_t,
+                    b.pages,
+                    Some(b),
+                )
             }
-            None => (core::ptr::null_mut(), 0),
+            None => (core::ptr::null_mut(), 0, None),
         };
         // SAFETY: hdr is NULL or a hypercall buffer header allocated on this xch whose hbuf
         // holds at least `pages` bits; stats is a valid out-pointer.
@@ -388,6 +392,11 @@ impl XenCtrl {
         };
         if rc < 0 {
             return Err(Self::dom_err(op, domid));
+        }
+        if let Some(b) = buf_for_tail {
+            if (rc as u64) < b.pages {
+                b.clear_from(rc as u64);
+            }
         }
         Ok(LogDirtyStats {
             pages: rc as u64,
@@ -714,6 +723,32 @@ impl ShutdownReason {
     }
 }
 
+/// How a domain is virtualised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GuestType {
+    /// Paravirtualised (no log-dirty on Debian's Xen: no shadow paging).
+    Pv,
+    /// HVM container without emulated devices (emulation flags = LAPIC only).
+    Pvh,
+    /// Fully virtualised, with emulated platform devices (PIT, RTC, ...).
+    Hvm,
+}
+
+impl GuestType {
+    /// Classifies from the XEN_DOMINF_hvm_guest flag and the x86 emulation flags, as Xen's
+    /// domain-creation check does: HVM domUs get every emulated device (the PIT among
+    /// them), PVH ones only the LAPIC.
+    pub fn classify(hvm: bool, emulation_flags: u32) -> Self {
+        if !hvm {
+            Self::Pv
+        } else if emulation_flags & t::XEN_X86_EMU_PIT != 0 {
+            Self::Hvm
+        } else {
+            Self::Pvh
+        }
+    }
+}
+
 /// A domain's state, decoded from `xc_domaininfo_t` (`xen_domctl_getdomaininfo`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainInfo {
@@ -723,6 +758,10 @@ pub struct DomainInfo {
     pub dying: bool,
     /// HVM guest (XEN_DOMINF_hvm_guest); PVH guests are HVM guests too.
     pub hvm: bool,
+    /// PV, PVH or HVM (from `hvm` and `emulation_flags`).
+    pub guest_type: GuestType,
+    /// The x86 emulation flags the domain was created with (XEN_X86_EMU_*).
+    pub emulation_flags: u32,
     /// Shut down, with the reason (XEN_DOMINF_shutdown + shutdown code).
     pub shutdown: Option<ShutdownReason>,
     /// Paused by the toolstack (XEN_DOMINF_paused).
@@ -776,6 +815,11 @@ impl DomainInfo {
             domid: u32::from(raw.domain),
             dying: has(t::XEN_DOMINF_dying),
             hvm: has(t::XEN_DOMINF_hvm_guest),
+            guest_type: GuestType::classify(
+                has(t::XEN_DOMINF_hvm_guest),
+                raw.arch_config.emulation_flags,
+            ),
+            emulation_flags: raw.arch_config.emulation_flags,
             shutdown,
             paused: has(t::XEN_DOMINF_paused),
             blocked: has(t::XEN_DOMINF_blocked),
@@ -893,6 +937,10 @@ impl DirtyBitmapBuffer {
                 errno: Errno::last(),
             });
         }
+        // SAFETY: p is the fresh allocation of nr_pages pages; nothing else uses it yet.
+        unsafe {
+            core::ptr::write_bytes(p.cast::<u8>(), 0, nr_pages as usize * PAGE_SIZE as usize)
+        };
         Ok(Self {
             xc: Arc::clone(&xc.inner),
             hdr,
@@ -926,6 +974,23 @@ impl DirtyBitmapBuffer {
     /// Copies the bitmap into `out`, reusing its allocation.
     pub fn copy_into(&self, out: &mut DirtyBitmap) {
         out.assign_bytes(self.as_bytes(), self.pages);
+    }
+
+    /// Clears the bits of pages `from..pages`: Xen writes only the pages it reports, so
+    /// anything after them would be stale.
+    fn clear_from(&mut self, from: u64) {
+        let total = bitmap_bytes(self.pages) as usize;
+        let first_full = from.div_ceil(8) as usize;
+        // SAFETY: hbuf holds at least `total` bytes we own (see as_bytes); we have `&mut self`.
+        let bytes = unsafe { core::slice::from_raw_parts_mut(self.hdr.hbuf.cast::<u8>(), total) };
+        if from % 8 != 0 {
+            if let Some(b) = bytes.get_mut((from / 8) as usize) {
+                *b &= (1u8 << (from % 8)) - 1;
+            }
+        }
+        if let Some(rest) = bytes.get_mut(first_full..) {
+            rest.fill(0);
+        }
     }
 }
 
@@ -1241,6 +1306,23 @@ mod tests {
         assert!(d.dying && d.running && d.blocked && d.debugged && d.xs_domain);
         assert!(!d.hvm && !d.hap && !d.paused);
         assert_eq!(d.flags, all);
+    }
+
+    #[test]
+    fn guest_type_follows_xens_emulation_flags() {
+        let hvm_flags = t::XEN_X86_EMU_ALL & !t::XEN_X86_EMU_VPCI;
+        let mut r = raw_info(4, t::XEN_DOMINF_hvm_guest | t::XEN_DOMINF_hap);
+        r.arch_config.emulation_flags = hvm_flags;
+        let d = DomainInfo::from_raw(&r);
+        assert_eq!(
+            (d.guest_type, d.emulation_flags),
+            (GuestType::Hvm, hvm_flags)
+        );
+        r.arch_config.emulation_flags = t::XEN_X86_EMU_LAPIC;
+        assert_eq!(DomainInfo::from_raw(&r).guest_type, GuestType::Pvh);
+        r.flags = 0;
+        r.arch_config.emulation_flags = 0;
+        assert_eq!(DomainInfo::from_raw(&r).guest_type, GuestType::Pv);
     }
 
     #[test]

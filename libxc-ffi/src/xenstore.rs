@@ -2,7 +2,8 @@
 //!
 //! [`XenStore`] is `Send + Sync`: libxenstore serialises requests on one connection with its
 //! own mutexes (it is built with pthreads) and delivers watch events through a pipe that
-//! [`XenStore::fileno`] returns for polling.  A [`Transaction`] borrows its `XenStore` and is
+//! [`XenStore::fileno`] (or `as_fd()`) returns for polling: when it polls readable, call
+//! [`XenStore::check_watch`] until it returns `None`.  A [`Transaction`] borrows its `XenStore` and is
 //! aborted on drop unless committed.
 
 use core::ffi::{c_char, c_uint, c_void, CStr};
@@ -187,6 +188,7 @@ unsafe fn watch_event_from(vec: *mut *mut c_char, num: usize) -> Option<WatchEve
 pub struct XenStore {
     lib: XenStoreLib,
     h: NonNull<t::xs_handle>,
+    watch_fd: RawFd,
 }
 
 // SAFETY: libxenstore protects a handle's request/reply/watch state with its own mutexes.
@@ -235,7 +237,18 @@ impl XenStore {
                 errno: Errno::last(),
             });
         };
-        Ok(Self { lib, h })
+        // xs_fileno creates the watch pipe on first use; do it now so that the pollable fd
+        // is always there (AsFd) and a failure shows up here, not later.
+        // SAFETY: plain call on a valid handle.
+        let watch_fd = unsafe { (lib.xs_fileno)(h.as_ptr()) };
+        let xs = Self { lib, h, watch_fd };
+        if watch_fd < 0 {
+            return Err(XsError::Call {
+                op: "xs_fileno",
+                errno: Errno::last(),
+            });
+        }
+        Ok(xs)
     }
 
     fn h(&self) -> *mut t::xs_handle {
@@ -544,36 +557,23 @@ impl XenStore {
         Ok(ev)
     }
 
-    /// The fd that polls readable when a watch event is pending (owned by the handle).
-    pub fn fileno(&self) -> Result<RawFd, XsError> {
-        // SAFETY: plain call on a valid handle.
-        let fd = unsafe { (self.lib.xs_fileno)(self.h()) };
-        if fd < 0 {
-            return Err(XsError::Call {
-                op: "xs_fileno",
-                errno: Errno::last(),
-            });
-        }
-        Ok(fd)
+    /// The fd that polls readable when a watch event is pending (libxenstore's watch pipe,
+    /// owned by the handle: do not close or read it).
+    pub fn fileno(&self) -> RawFd {
+        self.watch_fd
     }
 }
 
 impl AsRawFd for XenStore {
-    /// Like [`XenStore::fileno`]; -1 if libxenstore cannot provide the watch pipe.
     fn as_raw_fd(&self) -> RawFd {
-        self.fileno().unwrap_or(-1)
+        self.watch_fd
     }
 }
 
 impl AsFd for XenStore {
-    /// # Panics
-    /// If libxenstore cannot create its watch pipe (out of fds); use
-    /// [`XenStore::fileno`] to handle that case.
     fn as_fd(&self) -> BorrowedFd<'_> {
-        let fd = self.as_raw_fd();
-        assert!(fd >= 0, "xs_fileno failed");
         // SAFETY: the watch pipe stays open until xs_close in Drop (needs `&mut self`).
-        unsafe { BorrowedFd::borrow_raw(fd) }
+        unsafe { BorrowedFd::borrow_raw(self.watch_fd) }
     }
 }
 

@@ -176,7 +176,11 @@ fn xenctrl_lists_domains_across_batches_and_decodes_them() {
     assert_eq!(d3.max_vcpu_id, Some(1));
     assert_eq!(d3.nr_online_vcpus, 2);
     assert_eq!(d3.uuid(), "03040506-0708-090a-0b0c-0d0e0f101112");
-    assert_eq!(xc.domain_info(5).unwrap().max_vcpu_id, None);
+    assert_eq!(d0.guest_type, GuestType::Pv);
+    assert_eq!(d3.guest_type, GuestType::Hvm);
+    let d5 = xc.domain_info(5).unwrap();
+    assert_eq!((d5.guest_type, d5.emulation_flags), (GuestType::Pvh, 1));
+    assert_eq!(d5.max_vcpu_id, None);
     assert_eq!(
         xc.domain_info(7).unwrap().shutdown,
         Some(ShutdownReason::Crash)
@@ -255,6 +259,27 @@ fn xenctrl_log_dirty_round_trip_with_hypercall_buffer() {
 
     drop(buf);
     assert_eq!(fake_int(&lib, "fake_live_buffers"), 0);
+}
+
+#[test]
+fn xenctrl_log_dirty_bits_beyond_the_pages_xen_covered_are_cleared() {
+    let Some((xc, _lib)) = xenctrl() else { return };
+    let mut buf = xc.dirty_bitmap_buffer(5000).unwrap();
+    assert_eq!(buf.to_bitmap().count(), 0, "a new buffer is clean");
+    xc.logdirty_enable(3).unwrap();
+    xc.logdirty_enable(9).unwrap();
+    // Domain 3 covers all 5000 pages: pfn 3, 10, ... 4994 dirty.
+    let full = xc.logdirty_clean(3, &mut buf, false).unwrap();
+    assert_eq!(full.pages, 5000);
+    assert!(buf.to_bitmap().is_dirty(4994) && buf.to_bitmap().is_dirty(1004));
+    // Domain 9 covers only 1001 pages (a partial last byte): nothing from the previous
+    // round may survive beyond that.
+    let part = xc.logdirty_clean(9, &mut buf, false).unwrap();
+    assert_eq!(part.pages, 1001);
+    let bm = buf.to_bitmap();
+    assert_eq!(bm.count(), u64::from(part.dirty_count));
+    assert_eq!(bm.iter_dirty().last(), Some(997));
+    assert!(!bm.is_dirty(1004) && !bm.is_dirty(4994));
 }
 
 #[test]
@@ -649,7 +674,7 @@ fn xenstore_transaction_aborts_on_error_and_on_drop() {
 fn xenstore_watches_fire_through_the_pollable_fd() {
     use std::os::fd::AsFd;
     let Some((xs, _lib)) = xenstore() else { return };
-    assert!(xs.fileno().unwrap() >= 0);
+    assert!(xs.fileno() >= 0);
     assert!(!poll_readable(xs.as_fd()));
     xs.watch("/local/domain/3/device", "vif").unwrap();
     assert!(poll_readable(xs.as_fd()));

@@ -113,6 +113,18 @@ impl<T> ::core::fmt::Debug for __IncompleteArrayField<T> {
         fmt.write_str("__IncompleteArrayField")
     }
 }
+pub const XEN_X86_EMU_LAPIC: u32 = 1;
+pub const XEN_X86_EMU_HPET: u32 = 2;
+pub const XEN_X86_EMU_PM: u32 = 4;
+pub const XEN_X86_EMU_RTC: u32 = 8;
+pub const XEN_X86_EMU_IOAPIC: u32 = 16;
+pub const XEN_X86_EMU_PIC: u32 = 32;
+pub const XEN_X86_EMU_VGA: u32 = 64;
+pub const XEN_X86_EMU_IOMMU: u32 = 128;
+pub const XEN_X86_EMU_PIT: u32 = 256;
+pub const XEN_X86_EMU_USE_PIRQ: u32 = 512;
+pub const XEN_X86_EMU_VPCI: u32 = 1024;
+pub const XEN_X86_EMU_ALL: u32 = 2047;
 pub const EVTCHNSTAT_closed: u32 = 0;
 pub const EVTCHNSTAT_unbound: u32 = 1;
 pub const EVTCHNSTAT_interdomain: u32 = 2;

@@ -81,7 +81,12 @@ int xc_domain_getinfolist(xc_interface *xch, uint32_t first_domain, unsigned int
         memset(o, 0, sizeof(*o));
         o->domain = (domid_t)d;
         o->flags = xch->paused[i] ? XEN_DOMINF_paused : XEN_DOMINF_running;
-        if (d != 0) o->flags |= XEN_DOMINF_hvm_guest | XEN_DOMINF_hap;
+        if (d != 0) {
+            o->flags |= XEN_DOMINF_hvm_guest | XEN_DOMINF_hap;
+            /* What Xen accepts for domUs: PVH = LAPIC only, HVM = all but vPCI. */
+            o->arch_config.emulation_flags =
+                d % 4 == 1 ? XEN_X86_EMU_LAPIC : (XEN_X86_EMU_ALL & ~XEN_X86_EMU_VPCI);
+        }
         if (d == 7)
             o->flags |= XEN_DOMINF_shutdown | (SHUTDOWN_crash << XEN_DOMINF_shutdownshift);
         o->tot_pages = 1000 + d;
@@ -162,19 +167,21 @@ long long xc_logdirty_control(xc_interface *xch, uint32_t domid, unsigned int so
     case XEN_DOMCTL_SHADOW_OP_PEEK: {
         if (!xch->logdirty[i]) { errno = EINVAL; return -1; }
         if (!dirty_bitmap || !dirty_bitmap->hbuf) { errno = EFAULT; return -1; }
-        unsigned long *bm = dirty_bitmap->hbuf;
-        size_t longs = (pages + 63) / 64;
-        memset(bm, 0, longs * sizeof(long));
+        /* Like Xen, write (copy or clear) whole bytes up to the pages covered, and report
+         * fewer pages than asked when the guest is smaller: domain 9 has 1001 pages. */
+        unsigned long covered = domid == 9 && pages > 1001 ? 1001 : pages;
+        uint8_t *bm = dirty_bitmap->hbuf;
+        memset(bm, 0, (covered + 7) / 8);
         uint32_t dirty = 0;
-        for (unsigned long pfn = 3; pfn < pages; pfn += 7) {
-            bm[pfn / 64] |= 1UL << (pfn % 64);
+        for (unsigned long pfn = 3; pfn < covered; pfn += 7) {
+            bm[pfn / 8] |= (uint8_t)(1u << (pfn % 8));
             dirty++;
         }
         if (stats) {
             stats->dirty_count = dirty;
             stats->fault_count = sop == XEN_DOMCTL_SHADOW_OP_CLEAN ? 42 : 0;
         }
-        return (long long)pages;
+        return (long long)covered;
     }
     default:
         errno = EINVAL;
