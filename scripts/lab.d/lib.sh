@@ -295,7 +295,7 @@ lab_create_guest() {
   cfg="$d/share/guests/$name.cfg"
   case "$type" in
     pvh) console=hvc0 ;;
-    hvm) console=ttyS0 ;;
+    hvm) console="ttyS0 console=hvc0" ;; # xenconsoled logs the PV console (hvc0), not the serial
     *) lab_say "lab_create_guest: type must be pvh or hvm, not '$type'"; return 2 ;;
   esac
   [ "$net" = 1 ] && [ -z "$gip" ] && gip="$LAB_NET_PREFIX.$((100 + $(lab_host_index "$h") * 10 + RANDOM % 10))/24"
