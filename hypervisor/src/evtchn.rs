@@ -57,7 +57,7 @@ pub trait EventChannelControl: Send + Sync {
 /// [`pending`](Self::pending) the port is masked; further notifications are latched and
 /// delivered once after [`unmask`](Self::unmask). So the loop is: wait, take the port, handle
 /// the ring, unmask, re-check the ring.
-pub trait EventChannels: Send + Sync {
+pub trait EventChannels: Send + Sync + std::fmt::Debug {
     /// Binds a local port to `remote_port` of `remote_domid`, which must be unbound and
     /// allocated for this domain (`xenevtchn_bind_interdomain`). Returns the local port.
     fn bind_interdomain(&self, remote_domid: DomId, remote_port: Port) -> Result<Port>;

@@ -25,7 +25,7 @@ pub trait GrantTables: Send + Sync {
 /// (`std::sync::atomic::fence`, as the ring protocol's `rmb`/`wmb`/`mb`). Out-of-range and
 /// misaligned accesses fail without touching memory; writes through a read-only mapping fail
 /// with `EACCES`.
-pub trait GrantMapping: Send + Sync {
+pub trait GrantMapping: Send + Sync + std::fmt::Debug {
     /// The granting domain.
     fn domid(&self) -> DomId;
 

@@ -108,7 +108,7 @@ pub struct WatchEvent {
 /// Watches follow xenstored: a watch on `P` fires for changes of `P` and of any node below it,
 /// once right at registration (with `path = P`), and for the nodes a removal deletes. Events
 /// queue per connection; [`as_fd`](Self::as_fd) polls readable while some are queued.
-pub trait XenStore: Send + Sync {
+pub trait XenStore: Send + Sync + std::fmt::Debug {
     /// A node's value (`ENOENT` if absent).
     fn read(&self, tx: Tx, path: &str) -> Result<Vec<u8>>;
 
