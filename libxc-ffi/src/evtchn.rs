@@ -1,13 +1,16 @@
 //! libxenevtchn: bind, notify and receive event channels.
 //!
-//! [`XenEvtchn`] is `Send` but not `Sync`: xenevtchn.h warns that threads sharing one handle
-//! cannot reliably poll and read pending ports.  Give each thread that waits for events its
-//! own handle.  To wait: poll [`XenEvtchn::fd`] (or `as_fd()`) for readability, then call
-//! [`XenEvtchn::pending`] (which blocks if nothing is pending), handle the port, and
-//! [`XenEvtchn::unmask`] it.
+//! [`XenEvtchn`] is `Send + Sync`: on Linux every libxenevtchn call is one syscall on the
+//! handle's fd (ioctl for bind/unbind/notify, read for pending, write for unmask) with no
+//! user-space state changing after open, so concurrent calls are memory-safe.  xenevtchn.h's
+//! warning is about *liveness*: if two threads poll the same handle and both call `pending`,
+//! one of them blocks.  So let one thread consume events ([`XenEvtchn::wait_pending`], or
+//! `poll` on [`XenEvtchn::as_fd`] then [`XenEvtchn::pending`]); others may bind, notify and
+//! unmask.  After handling a port, [`XenEvtchn::unmask`] it, then re-check the ring.
 
 use core::ptr::NonNull;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::time::Duration;
 
 use crate::errno::{clear_errno, Errno};
 use crate::loader::{self, LibraryPaths, LoadError};
@@ -67,9 +70,12 @@ pub struct XenEvtchn {
     fd: RawFd,
 }
 
-// SAFETY: the handle is an fd plus immutable data; moving it to another thread is fine.  It
-// is deliberately not Sync (see the module documentation).
+// SAFETY: the handle is an fd plus data that never changes after open; moving it to another
+// thread is fine.
 unsafe impl Send for XenEvtchn {}
+// SAFETY: every call is a single syscall on the fd with no shared user-space state (see the
+// module documentation); the kernel serialises them.
+unsafe impl Sync for XenEvtchn {}
 
 impl core::fmt::Debug for XenEvtchn {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -165,6 +171,21 @@ impl XenEvtchn {
             });
         }
         Ok(rc as u32)
+    }
+
+    /// Waits up to `timeout` (`None`: forever, `Some(Duration::ZERO)`: just check) for a port
+    /// to fire, and takes it like [`XenEvtchn::pending`]; `None` if none fired in time.
+    pub fn wait_pending(&self, timeout: Option<Duration>) -> Result<Option<u32>, EvtchnError> {
+        let ready =
+            crate::poll::wait_readable(self.fd, timeout).map_err(|errno| EvtchnError::Call {
+                op: "poll(xenevtchn_fd)",
+                errno,
+            })?;
+        if ready {
+            self.pending().map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     /// `xenevtchn_unmask`: re-enables delivery on a local port after handling it.

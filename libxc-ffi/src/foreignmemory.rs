@@ -20,6 +20,20 @@ use crate::sys::xenforeignmemory::XenForeignMemoryLib;
 /// Size of a guest page.
 pub const PAGE_SIZE: usize = 4096;
 
+/// Pages mapped at a time by [`XenForeignMemory::read_pages`] / `write_pages` (4 MiB).
+pub const COPY_BATCH: usize = 1024;
+
+/// A page of a batch that could not be mapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PageError {
+    /// Index of the page in the request.
+    pub index: usize,
+    /// The guest frame.
+    pub pfn: u64,
+    /// Why (from the per-page error array).
+    pub errno: Errno,
+}
+
 /// Errors of the libxenforeignmemory wrappers.
 #[derive(Debug, thiserror::Error)]
 pub enum ForeignMemoryError {
@@ -68,6 +82,9 @@ pub enum ForeignMemoryError {
         /// What was wrong.
         reason: String,
     },
+    /// A copy into or out of the mapping was refused (cannot happen for whole pages).
+    #[error(transparent)]
+    Mem(#[from] crate::mem::MemError),
     /// `xenforeignmemory_resource_size` failed.
     #[error(
         "xenforeignmemory_resource_size(type {kind}, id {id}) of domain {domid} failed: {errno}"
@@ -159,14 +176,15 @@ impl XenForeignMemory {
         })
     }
 
-    /// Maps guest frames `pfns` of `domid` into one contiguous range (page `i` is `pfns[i]`).
-    /// If any page fails, everything is unmapped and the error names the first failed pfn.
-    pub fn map(
+    /// Maps `pfns` and returns the mapping together with the per-page error array (0 = ok,
+    /// else an errno, possibly negated).  Private: pages that failed are not mapped and must
+    /// never be touched, so such a mapping never leaves this module.
+    fn map_with_errors(
         &self,
         domid: u32,
         pfns: &[u64],
         writable: bool,
-    ) -> Result<ForeignMapping, ForeignMemoryError> {
+    ) -> Result<(ForeignMapping, Vec<i32>), ForeignMemoryError> {
         let op = "xenforeignmemory_map";
         if pfns.is_empty() {
             return Err(ForeignMemoryError::Invalid {
@@ -197,8 +215,9 @@ impl XenForeignMemory {
                 errno: Errno::last(),
             });
         };
-        // SAFETY: the library mapped pfns.len() pages at ptr with the requested protection;
-        // they stay mapped until ForeignMapping::drop, and no references are made into them.
+        // SAFETY: the library reserved pfns.len() pages at ptr with the requested protection
+        // (the ones whose err entry is 0 are mapped); they stay reserved until
+        // ForeignMapping::drop, and no references are made into them.
         let region = unsafe { Region::new(ptr, pfns.len() * PAGE_SIZE, writable) };
         let mapping = ForeignMapping {
             region,
@@ -206,6 +225,18 @@ impl XenForeignMemory {
             domid,
             fmem: Arc::clone(&self.inner),
         };
+        Ok((mapping, errs))
+    }
+
+    /// Maps guest frames `pfns` of `domid` into one contiguous range (page `i` is `pfns[i]`).
+    /// If any page fails, everything is unmapped and the error names the first failed pfn.
+    pub fn map(
+        &self,
+        domid: u32,
+        pfns: &[u64],
+        writable: bool,
+    ) -> Result<ForeignMapping, ForeignMemoryError> {
+        let (mapping, errs) = self.map_with_errors(domid, pfns, writable)?;
         if let Some((index, pfn, errno)) = first_page_error(pfns, &errs) {
             drop(mapping); // unmaps the partial mapping
             return Err(ForeignMemoryError::Page {
@@ -216,6 +247,89 @@ impl XenForeignMemory {
             });
         }
         Ok(mapping)
+    }
+
+    fn check_buffer(
+        op: &'static str,
+        domid: u32,
+        pfns: &[u64],
+        len: usize,
+    ) -> Result<(), ForeignMemoryError> {
+        if pfns.len().checked_mul(PAGE_SIZE) == Some(len) {
+            Ok(())
+        } else {
+            Err(ForeignMemoryError::Invalid {
+                op,
+                domid,
+                reason: format!(
+                    "buffer of {len} bytes for {} page(s) (need {} bytes)",
+                    pfns.len(),
+                    pfns.len().saturating_mul(PAGE_SIZE)
+                ),
+            })
+        }
+    }
+
+    /// Copies guest pages `pfns` (any order, duplicates allowed) into `buf`, page `i` at
+    /// `buf[i * PAGE_SIZE..]`; `buf.len()` must be `pfns.len() * PAGE_SIZE`.  Pages that
+    /// cannot be mapped do not stop the batch: their slots are zero-filled and they are
+    /// returned (empty = every page copied).  Maps at most [`COPY_BATCH`] pages at a time.
+    pub fn read_pages(
+        &self,
+        domid: u32,
+        pfns: &[u64],
+        buf: &mut [u8],
+    ) -> Result<Vec<PageError>, ForeignMemoryError> {
+        Self::check_buffer("read_pages", domid, pfns, buf.len())?;
+        let mut failed = Vec::new();
+        for (c, chunk) in pfns.chunks(COPY_BATCH).enumerate() {
+            let base = c * COPY_BATCH;
+            let (mapping, errs) = self.map_with_errors(domid, chunk, false)?;
+            for (i, (&pfn, &err)) in chunk.iter().zip(&errs).enumerate() {
+                let slot = &mut buf[(base + i) * PAGE_SIZE..][..PAGE_SIZE];
+                if err != 0 {
+                    slot.fill(0);
+                    failed.push(PageError {
+                        index: base + i,
+                        pfn,
+                        errno: Errno(err.abs()),
+                    });
+                } else {
+                    // In bounds by construction; only mapped pages are touched.
+                    mapping.region.read_into_checked(i * PAGE_SIZE, slot)?;
+                }
+            }
+        }
+        Ok(failed)
+    }
+
+    /// Copies `data` (`pfns.len() * PAGE_SIZE` bytes) into guest pages `pfns`.  Pages that
+    /// cannot be mapped are skipped and returned; every other page is written.
+    pub fn write_pages(
+        &self,
+        domid: u32,
+        pfns: &[u64],
+        data: &[u8],
+    ) -> Result<Vec<PageError>, ForeignMemoryError> {
+        Self::check_buffer("write_pages", domid, pfns, data.len())?;
+        let mut failed = Vec::new();
+        for (c, chunk) in pfns.chunks(COPY_BATCH).enumerate() {
+            let base = c * COPY_BATCH;
+            let (mapping, errs) = self.map_with_errors(domid, chunk, true)?;
+            for (i, (&pfn, &err)) in chunk.iter().zip(&errs).enumerate() {
+                if err != 0 {
+                    failed.push(PageError {
+                        index: base + i,
+                        pfn,
+                        errno: Errno(err.abs()),
+                    });
+                } else {
+                    let src = &data[(base + i) * PAGE_SIZE..][..PAGE_SIZE];
+                    mapping.region.write_from_checked(i * PAGE_SIZE, src)?;
+                }
+            }
+        }
+        Ok(failed)
     }
 
     /// Maps one guest frame.

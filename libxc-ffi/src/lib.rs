@@ -7,7 +7,7 @@
 //! | Library | Handle | Thread safety |
 //! |---|---|---|
 //! | libxenctrl.so.4.17 | [`XenCtrl`] (version-gated to Xen 4.17) | `Send + Sync` |
-//! | libxenevtchn.so.1 | [`XenEvtchn`] | `Send` |
+//! | libxenevtchn.so.1 | [`XenEvtchn`] | `Send + Sync` |
 //! | libxengnttab.so.1 | [`XenGnttab`] → [`GrantMapping`] | `Send + Sync` / `Send` |
 //! | libxenforeignmemory.so.1 | [`XenForeignMemory`] → [`ForeignMapping`], [`ResourceMapping`] | `Send + Sync` / `Send` |
 //! | libxenstore.so.4 | [`XenStore`], [`Transaction`] | `Send + Sync` / `Send` |
@@ -26,6 +26,7 @@ mod layout;
 mod loader;
 mod logger;
 mod mem;
+mod poll;
 pub mod sys;
 mod xenctrl;
 mod xenstore;
@@ -33,7 +34,8 @@ mod xenstore;
 pub use errno::Errno;
 pub use evtchn::{EvtchnError, XenEvtchn};
 pub use foreignmemory::{
-    first_page_error, ForeignMapping, ForeignMemoryError, ResourceMapping, XenForeignMemory,
+    first_page_error, ForeignMapping, ForeignMemoryError, PageError, ResourceMapping,
+    XenForeignMemory, COPY_BATCH,
 };
 pub use gnttab::{GnttabError, GrantMapping, XenGnttab};
 pub use loader::{
@@ -42,12 +44,12 @@ pub use loader::{
 };
 pub use mem::{GuestMemory, HeapMemory, MemError};
 pub use xenctrl::{
-    bitmap_bytes, check_version, DirtyBitmap, DirtyBitmapBuffer, DomainInfo, EvtchnState,
-    EvtchnStatus, GuestType, LogDirtyStats, ShutdownReason, VcpuContext, XcError, XenCtrl,
-    XenVersion, SUPPORTED_XEN,
+    bitmap_bytes, check_version, find_hvm_record, DirtyBitmap, DirtyBitmapBuffer, DomainInfo,
+    EvtchnState, EvtchnStatus, GuestType, LogDirtyStats, ShutdownReason, VcpuContext, XcError,
+    XenCtrl, XenVersion, SUPPORTED_XEN,
 };
 pub use xenstore::{
-    Access, Permission, Transaction, WatchEvent, XenStore, XsError, TRANSACTION_RETRIES,
+    Access, Permission, Transaction, WatchEvent, XenStore, XsError, TRANSACTION_RETRIES, XBT_NULL,
 };
 
 /// Size of a guest page (x86).
@@ -66,6 +68,7 @@ mod tests {
         sync::<XenCtrl>();
         send::<DirtyBitmapBuffer>();
         send::<XenEvtchn>();
+        sync::<XenEvtchn>();
         send::<XenGnttab>();
         sync::<XenGnttab>();
         send::<GrantMapping>();

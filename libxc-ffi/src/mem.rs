@@ -93,6 +93,14 @@ impl Region {
         }
     }
 
+    pub(crate) fn read_into_checked(&self, offset: usize, buf: &mut [u8]) -> Result<(), MemError> {
+        self.read_into(offset, buf)
+    }
+
+    pub(crate) fn write_from_checked(&self, offset: usize, buf: &[u8]) -> Result<(), MemError> {
+        self.write_from(offset, buf)
+    }
+
     fn read_into(&self, offset: usize, buf: &mut [u8]) -> Result<(), MemError> {
         self.check(offset, buf.len())?;
         // SAFETY: offset..offset+buf.len() is inside the mapping (checked above, invariant of

@@ -591,6 +591,26 @@ impl XenCtrl {
         Ok(unsafe { ctx.assume_init() })
     }
 
+    /// One record of the domain's HVM context (its body, without the descriptor), found in
+    /// the whole context by `typecode` and `instance` (e.g. [`crate::consts::HVM_SAVE_CODE_CPU`]
+    /// and a vCPU number).  [`XcError::Invalid`] if there is no such record.
+    pub fn hvm_record(&self, domid: u32, typecode: u16, instance: u16) -> Result<Vec<u8>, XcError> {
+        let ctx = self.hvm_getcontext(domid)?;
+        match find_hvm_record(&ctx, typecode, instance) {
+            Ok(Some(body)) => Ok(body.to_vec()),
+            Ok(None) => Err(XcError::Invalid {
+                op: "hvm_record",
+                domid,
+                reason: format!("no record with typecode {typecode} instance {instance}"),
+            }),
+            Err(reason) => Err(XcError::Invalid {
+                op: "hvm_record",
+                domid,
+                reason,
+            }),
+        }
+    }
+
     /// `xc_domain_hvm_setcontext`: loads a whole HVM context (as produced by
     /// [`XenCtrl::hvm_getcontext`]) into the domain, which should be paused.
     pub fn hvm_setcontext(&self, domid: u32, ctx: &[u8]) -> Result<(), XcError> {
@@ -679,6 +699,44 @@ impl XenCtrl {
         }
         Ok(rc as u32)
     }
+}
+
+/// Finds record (`typecode`, `instance`) in a whole HVM context (a sequence of
+/// `hvm_save_descriptor { u16 typecode; u16 instance; u32 length }` + body, ending with the
+/// END record) and returns its body.  `Err` describes a malformed context.
+pub fn find_hvm_record(ctx: &[u8], typecode: u16, instance: u16) -> Result<Option<&[u8]>, String> {
+    const DESC: usize = core::mem::size_of::<t::hvm_save_descriptor>();
+    let mut off = 0usize;
+    while off < ctx.len() {
+        let Some(d) = ctx.get(off..off + DESC) else {
+            return Err(format!(
+                "truncated descriptor at offset {off} of {}",
+                ctx.len()
+            ));
+        };
+        let code = u16::from_le_bytes([d[0], d[1]]);
+        let inst = u16::from_le_bytes([d[2], d[3]]);
+        let len = u32::from_le_bytes([d[4], d[5], d[6], d[7]]) as usize;
+        let body_at = off + DESC;
+        let Some(body) = body_at
+            .checked_add(len)
+            .and_then(|end| ctx.get(body_at..end))
+        else {
+            return Err(format!(
+                "record (typecode {code}, instance {inst}) at offset {off} claims {len} bytes, \
+                 past the end ({})",
+                ctx.len()
+            ));
+        };
+        if code == typecode && inst == instance {
+            return Ok(Some(body));
+        }
+        if code == crate::consts::HVM_SAVE_CODE_END {
+            return Ok(None);
+        }
+        off = body_at + len;
+    }
+    Ok(None)
 }
 
 fn zeroed_dominfo() -> t::xc_domaininfo_t {
@@ -974,6 +1032,26 @@ impl DirtyBitmapBuffer {
     /// Copies the bitmap into `out`, reusing its allocation.
     pub fn copy_into(&self, out: &mut DirtyBitmap) {
         out.assign_bytes(self.as_bytes(), self.pages);
+    }
+
+    /// Copies the bitmap into `out` as little-endian words (bit `pfn % 64` of word
+    /// `pfn / 64`), for callers with their own bitmap type.  Copies
+    /// `min(out.len(), words)` words; bits at or beyond [`DirtyBitmapBuffer::pages`] are 0.
+    /// Returns the number of words copied.
+    pub fn copy_to_words(&self, out: &mut [u64]) -> usize {
+        let bytes = self.as_bytes();
+        let n = out.len().min(bytes.len() / 8);
+        for (w, chunk) in out.iter_mut().zip(bytes.chunks_exact(8)).take(n) {
+            let mut le = [0u8; 8];
+            le.copy_from_slice(chunk);
+            *w = u64::from_le_bytes(le);
+        }
+        let tail = self.pages % 64;
+        let last = (self.pages / 64) as usize;
+        if tail != 0 && last < n {
+            out[last] &= (1u64 << tail) - 1;
+        }
+        n
     }
 
     /// Clears the bits of pages `from..pages`: Xen writes only the pages it reports, so
@@ -1399,6 +1477,45 @@ mod tests {
         assert_eq!(bitmap_bytes(1), 8);
         assert_eq!(bitmap_bytes(64), 8);
         assert_eq!(bitmap_bytes(65), 16);
+    }
+
+    fn record(code: u16, inst: u16, body: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&code.to_le_bytes());
+        v.extend_from_slice(&inst.to_le_bytes());
+        v.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn hvm_records_are_found_by_typecode_and_instance() {
+        let mut ctx = record(1, 0, &[0xaa; 24]);
+        ctx.extend(record(2, 0, &[0; 8]));
+        ctx.extend(record(2, 1, &[1, 2, 3]));
+        ctx.extend(record(0, 0, &[]));
+        ctx.extend(record(2, 2, &[9])); // after END: ignored
+        assert_eq!(find_hvm_record(&ctx, 2, 1), Ok(Some(&[1u8, 2, 3][..])));
+        assert_eq!(
+            find_hvm_record(&ctx, 1, 0).unwrap().map(<[u8]>::len),
+            Some(24)
+        );
+        assert_eq!(find_hvm_record(&ctx, 2, 2), Ok(None));
+        assert_eq!(find_hvm_record(&ctx, 5, 0), Ok(None));
+        assert_eq!(find_hvm_record(&[], 2, 0), Ok(None));
+    }
+
+    #[test]
+    fn malformed_hvm_contexts_are_reported() {
+        let mut ctx = record(2, 0, &[0; 8]);
+        ctx.truncate(12);
+        let err = find_hvm_record(&ctx, 3, 0).unwrap_err();
+        assert!(err.contains("claims 8 bytes, past the end (12)"), "{err}");
+        let err = find_hvm_record(&[1, 0, 0], 3, 0).unwrap_err();
+        assert!(err.contains("truncated descriptor at offset 0"), "{err}");
+        let mut huge = record(2, 0, &[]);
+        huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(find_hvm_record(&huge, 3, 0).is_err());
     }
 
     #[test]

@@ -10,11 +10,15 @@ use core::ffi::{c_char, c_uint, c_void, CStr};
 use core::ptr::NonNull;
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::time::Duration;
 
 use crate::errno::{clear_errno, Errno};
 use crate::loader::{self, LibraryPaths, LoadError};
 use crate::sys::types as t;
 use crate::sys::xenstore::XenStoreLib;
+
+/// The "no transaction" id (`XBT_NULL`) for the `*_tx` methods.
+pub const XBT_NULL: u32 = t::XBT_NULL;
 
 /// How many times [`XenStore::transaction`] retries a transaction that ended with `EAGAIN`.
 pub const TRANSACTION_RETRIES: u32 = 16;
@@ -263,9 +267,11 @@ impl XenStore {
         }
     }
 
-    // Operations shared by plain calls (tx = XBT_NULL) and transactions.
+    // Operations by transaction id: used by the plain calls (XBT_NULL) and by Transaction,
+    // and public for callers that track transaction ids themselves.
 
-    fn read_tx(&self, tx: u32, path: &str) -> Result<Vec<u8>, XsError> {
+    /// [`XenStore::read`] in transaction `tx` ([`XBT_NULL`] for none).
+    pub fn read_tx(&self, tx: u32, path: &str) -> Result<Vec<u8>, XsError> {
         let p = cstr("xs_read", path)?;
         let mut len: c_uint = 0;
         // SAFETY: p is a valid C string and len a valid out-pointer.
@@ -279,7 +285,8 @@ impl XenStore {
         Ok(v)
     }
 
-    fn write_tx(&self, tx: u32, path: &str, value: &[u8]) -> Result<(), XsError> {
+    /// [`XenStore::write`] in transaction `tx` ([`XBT_NULL`] for none).
+    pub fn write_tx(&self, tx: u32, path: &str, value: &[u8]) -> Result<(), XsError> {
         let p = cstr("xs_write", path)?;
         let len = c_uint::try_from(value.len()).map_err(|_| XsError::Invalid {
             op: "xs_write",
@@ -301,7 +308,8 @@ impl XenStore {
         Ok(())
     }
 
-    fn mkdir_tx(&self, tx: u32, path: &str) -> Result<(), XsError> {
+    /// [`XenStore::mkdir`] in transaction `tx` ([`XBT_NULL`] for none).
+    pub fn mkdir_tx(&self, tx: u32, path: &str) -> Result<(), XsError> {
         let p = cstr("xs_mkdir", path)?;
         // SAFETY: p is a valid C string.
         if !unsafe { (self.lib.xs_mkdir)(self.h(), tx, p.as_ptr()) } {
@@ -310,7 +318,8 @@ impl XenStore {
         Ok(())
     }
 
-    fn rm_tx(&self, tx: u32, path: &str) -> Result<(), XsError> {
+    /// [`XenStore::rm`] in transaction `tx` ([`XBT_NULL`] for none).
+    pub fn rm_tx(&self, tx: u32, path: &str) -> Result<(), XsError> {
         let p = cstr("xs_rm", path)?;
         // SAFETY: p is a valid C string.
         if !unsafe { (self.lib.xs_rm)(self.h(), tx, p.as_ptr()) } {
@@ -319,7 +328,8 @@ impl XenStore {
         Ok(())
     }
 
-    fn directory_tx(&self, tx: u32, path: &str) -> Result<Vec<String>, XsError> {
+    /// [`XenStore::directory`] in transaction `tx` ([`XBT_NULL`] for none).
+    pub fn directory_tx(&self, tx: u32, path: &str) -> Result<Vec<String>, XsError> {
         let p = cstr("xs_directory", path)?;
         let mut num: c_uint = 0;
         // SAFETY: p is a valid C string, num a valid out-pointer.
@@ -339,7 +349,8 @@ impl XenStore {
         Ok(names)
     }
 
-    fn get_permissions_tx(&self, tx: u32, path: &str) -> Result<Vec<Permission>, XsError> {
+    /// [`XenStore::get_permissions`] in transaction `tx` ([`XBT_NULL`] for none).
+    pub fn get_permissions_tx(&self, tx: u32, path: &str) -> Result<Vec<Permission>, XsError> {
         let p = cstr("xs_get_permissions", path)?;
         let mut num: c_uint = 0;
         // SAFETY: p is a valid C string, num a valid out-pointer.
@@ -356,7 +367,13 @@ impl XenStore {
         Ok(perms)
     }
 
-    fn set_permissions_tx(&self, tx: u32, path: &str, perms: &[Permission]) -> Result<(), XsError> {
+    /// [`XenStore::set_permissions`] in transaction `tx` ([`XBT_NULL`] for none).
+    pub fn set_permissions_tx(
+        &self,
+        tx: u32,
+        path: &str,
+        perms: &[Permission],
+    ) -> Result<(), XsError> {
         let op = "xs_set_permissions";
         let p = cstr(op, path)?;
         if perms.is_empty() {
@@ -446,6 +463,18 @@ impl XenStore {
 
     /// Starts a transaction; prefer [`XenStore::transaction`], which retries conflicts.
     pub fn transaction_start(&self) -> Result<Transaction<'_>, XsError> {
+        let id = self.transaction_start_raw()?;
+        Ok(Transaction {
+            xs: self,
+            id,
+            done: false,
+        })
+    }
+
+    /// `xs_transaction_start` returning the bare id, for callers that track transactions
+    /// themselves (use the `*_tx` methods, then [`XenStore::transaction_end`]).  Prefer
+    /// [`XenStore::transaction_start`], whose [`Transaction`] aborts when dropped.
+    pub fn transaction_start_raw(&self) -> Result<u32, XsError> {
         // SAFETY: plain call on a valid handle.
         let id = unsafe { (self.lib.xs_transaction_start)(self.h()) };
         if id == t::XBT_NULL {
@@ -454,11 +483,24 @@ impl XenStore {
                 errno: Errno::last(),
             });
         }
-        Ok(Transaction {
-            xs: self,
-            id,
-            done: false,
-        })
+        Ok(id)
+    }
+
+    /// `xs_transaction_end`: commits (`abort == false`) or abandons transaction `tx`.  A
+    /// commit failing with [`XsError::is_again`] conflicted: redo the whole transaction.
+    pub fn transaction_end(&self, tx: u32, abort: bool) -> Result<(), XsError> {
+        // SAFETY: plain call on a valid handle; an unknown id is reported by the library.
+        if !unsafe { (self.lib.xs_transaction_end)(self.h(), tx, abort) } {
+            return Err(XsError::Call {
+                op: if abort {
+                    "xs_transaction_end(abort)"
+                } else {
+                    "xs_transaction_end(commit)"
+                },
+                errno: Errno::last(),
+            });
+        }
+        Ok(())
     }
 
     /// Runs `f` in a transaction and commits it, retrying the whole transaction (up to
@@ -555,6 +597,27 @@ impl XenStore {
         let ev = unsafe { watch_event_from(vec, 2) };
         free(vec);
         Ok(ev)
+    }
+
+    /// Waits up to `timeout` (`None`: forever, `Some(Duration::ZERO)`: just check) for a
+    /// watch event.  Unlike [`XenStore::read_watch`] it never blocks past the timeout.
+    pub fn wait_watch(&self, timeout: Option<Duration>) -> Result<Option<WatchEvent>, XsError> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            // Events may be queued without the pipe being readable (see xs_check_watch).
+            if let Some(ev) = self.check_watch()? {
+                return Ok(Some(ev));
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+            let ready =
+                crate::poll::wait_readable(self.watch_fd, left).map_err(|errno| XsError::Call {
+                    op: "poll(xs_fileno)",
+                    errno,
+                })?;
+            if !ready {
+                return Ok(None);
+            }
+        }
     }
 
     /// The fd that polls readable when a watch event is pending (libxenstore's watch pipe,
@@ -656,18 +719,7 @@ impl Transaction<'_> {
 
     fn end(&mut self, abort: bool) -> Result<(), XsError> {
         self.done = true;
-        // SAFETY: id is a live transaction of this handle, ended exactly once.
-        if !unsafe { (self.xs.lib.xs_transaction_end)(self.xs.h(), self.id, abort) } {
-            return Err(XsError::Call {
-                op: if abort {
-                    "xs_transaction_end(abort)"
-                } else {
-                    "xs_transaction_end(commit)"
-                },
-                errno: Errno::last(),
-            });
-        }
-        Ok(())
+        self.xs.transaction_end(self.id, abort)
     }
 
     /// Commits.  An error with [`XsError::is_again`] means another writer interfered: run

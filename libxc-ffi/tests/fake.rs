@@ -297,11 +297,29 @@ fn xenctrl_bitmap_buffer_cannot_be_used_on_another_interface() {
 #[test]
 fn xenctrl_hvm_and_vcpu_context() {
     let Some((xc, lib)) = xenctrl() else { return };
-    assert_eq!(xc.hvm_context_size(3).unwrap(), 100);
+    // HEADER (8 + 24), CPU x2 (8 + 1032 each), END (8).
+    assert_eq!(xc.hvm_context_size(3).unwrap(), 2120);
     let ctx = xc.hvm_getcontext(3).unwrap();
-    assert_eq!(ctx, (0..100u8).collect::<Vec<_>>());
+    assert_eq!(ctx.len(), 2120);
+    let cpu1 = find_hvm_record(&ctx, HVM_SAVE_CODE_CPU, 1)
+        .unwrap()
+        .unwrap();
+    assert_eq!(cpu1.len(), 1032);
+    assert_eq!(cpu1[640..648], 0xfff1u64.to_le_bytes(), "rip at offset 640");
+    assert_eq!(
+        xc.hvm_record(3, HVM_SAVE_CODE_CPU, 0).unwrap()[640..648],
+        0xfff0u64.to_le_bytes()
+    );
+    assert_eq!(xc.hvm_record(3, HVM_SAVE_CODE_HEADER, 0).unwrap().len(), 24);
+    assert!(matches!(
+        xc.hvm_record(3, HVM_SAVE_CODE_CPU, 2),
+        Err(XcError::Invalid { .. })
+    ));
+    let mut reused = Vec::with_capacity(4096);
+    xc.hvm_getcontext_into(3, &mut reused).unwrap();
+    assert_eq!(reused, ctx);
     xc.hvm_setcontext(3, &ctx).unwrap();
-    assert_eq!(fake_int(&lib, "fake_last_setcontext_size"), 100);
+    assert_eq!(fake_int(&lib, "fake_last_setcontext_size"), 2120);
     let err = xc.hvm_setcontext(3, &ctx[..50]).unwrap_err();
     assert_eq!(errno_of(&err), libc::EINVAL);
     assert_eq!(errno_of(&xc.hvm_getcontext(4).unwrap_err()), libc::ESRCH);
@@ -399,6 +417,19 @@ fn evtchn_bind_notify_pending_unmask_unbind() {
     ev.notify(port).unwrap();
     assert!(poll_readable(ev.as_fd()));
     assert_eq!(ev.pending().unwrap(), port);
+    assert_eq!(
+        ev.wait_pending(Some(std::time::Duration::ZERO)).unwrap(),
+        None
+    );
+    let t = std::time::Instant::now();
+    assert_eq!(
+        ev.wait_pending(Some(std::time::Duration::from_millis(20)))
+            .unwrap(),
+        None
+    );
+    assert!(t.elapsed() >= std::time::Duration::from_millis(20));
+    ev.notify(port).unwrap();
+    assert_eq!(ev.wait_pending(None).unwrap(), Some(port));
     ev.unmask(port).unwrap();
     assert_eq!(fake_int(&lib, "fake_unmasked_port"), 5);
     assert_eq!(ev.bind_unbound_port(1).unwrap(), 6);
@@ -551,6 +582,52 @@ fn foreign_memory_map_names_the_failed_pfn_and_unmaps() {
     assert_eq!(fake_int(&lib, "fake_live_handles"), 0);
 }
 
+#[test]
+fn foreign_memory_copies_pages_in_batches_and_reports_failed_ones() {
+    if !headers_present() {
+        return;
+    }
+    let lib = fake_lib("fake_xenforeignmemory", &[]);
+    let fm = XenForeignMemory::open_with(&paths_with(|p| p.xenforeignmemory = lib.clone().into()))
+        .unwrap();
+    // Three batches (1024 + 1024 + 2); the bad pfn sits in the last one.
+    let mut pfns: Vec<u64> = (0x1000..0x1000 + 2050).collect();
+    pfns[2049] = 0xbad;
+    pfns[5] = 0x1000; // duplicates are fine
+    let mut buf = vec![0xffu8; pfns.len() * PAGE_SIZE];
+    let failed = fm.read_pages(3, &pfns, &mut buf).unwrap();
+    assert_eq!(
+        failed,
+        vec![PageError {
+            index: 2049,
+            pfn: 0xbad,
+            errno: Errno(libc::EFAULT)
+        }]
+    );
+    for (i, &pfn) in pfns.iter().enumerate().take(2049) {
+        assert_eq!(buf[i * PAGE_SIZE..][..8], pfn.to_le_bytes(), "page {i}");
+    }
+    assert!(
+        buf[2049 * PAGE_SIZE..].iter().all(|&b| b == 0),
+        "failed slot zero-filled"
+    );
+    assert_eq!(fake_int(&lib, "fake_live_pages"), 0, "every batch unmapped");
+
+    let data = vec![7u8; 2 * PAGE_SIZE];
+    assert_eq!(fm.write_pages(3, &[0x20, 0x21], &data).unwrap(), vec![]);
+    let failed = fm.write_pages(3, &[0xbad, 0x21], &data).unwrap();
+    assert_eq!(failed.iter().map(|f| f.index).collect::<Vec<_>>(), [0]);
+    let err = fm.read_pages(3, &[1, 2], &mut [0u8; 4096]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "read_pages for domain 3: buffer of 4096 bytes for 2 page(s) (need 8192 bytes)"
+    );
+    assert!(matches!(
+        fm.read_pages(999, &[1], &mut [0u8; 4096]),
+        Err(ForeignMemoryError::Map { .. })
+    ));
+}
+
 // ------------------------------------------------------------------------------------------
 // xenstore
 
@@ -671,6 +748,38 @@ fn xenstore_transaction_aborts_on_error_and_on_drop() {
 }
 
 #[test]
+fn xenstore_transactions_by_raw_id() {
+    let Some((xs, lib)) = xenstore() else { return };
+    let tx = xs.transaction_start_raw().unwrap();
+    assert_ne!(tx, XBT_NULL);
+    xs.mkdir_tx(tx, "/a").unwrap();
+    xs.write_tx(tx, "/a/b", b"1").unwrap();
+    assert_eq!(xs.read_tx(tx, "/a/b").unwrap(), b"1");
+    xs.mkdir_tx(tx, "/a/c").unwrap();
+    assert_eq!(xs.directory_tx(tx, "/a").unwrap().len(), 2);
+    xs.rm_tx(tx, "/a/c").unwrap();
+    assert_eq!(xs.get_permissions_tx(tx, "/a/b").unwrap().len(), 1);
+    xs.set_permissions_tx(
+        tx,
+        "/a/b",
+        &[Permission {
+            domid: 0,
+            access: Access::Read,
+        }],
+    )
+    .unwrap();
+    xs.transaction_end(tx, false).unwrap();
+    assert_eq!(fake_int(&lib, "fake_commits"), 1);
+    let err = xs.transaction_end(tx + 100, false).unwrap_err();
+    assert_eq!(err.errno(), Some(Errno(libc::ENOENT)));
+    assert_eq!(
+        err.to_string(),
+        "xs_transaction_end(commit) failed: errno 2 (No such file or directory)"
+    );
+    assert_eq!(xs.read_tx(XBT_NULL, "/a/b").unwrap(), b"1");
+}
+
+#[test]
 fn xenstore_watches_fire_through_the_pollable_fd() {
     use std::os::fd::AsFd;
     let Some((xs, _lib)) = xenstore() else { return };
@@ -696,6 +805,15 @@ fn xenstore_watches_fire_through_the_pollable_fd() {
     assert_eq!(ev.path, "/local/domain/3/device/vif/0/state");
     assert_eq!(ev.token, "vif");
     assert_eq!(xs.check_watch().unwrap(), None);
+
+    assert_eq!(
+        xs.wait_watch(Some(std::time::Duration::from_millis(10)))
+            .unwrap(),
+        None
+    );
+    xs.write("/local/domain/3/device/vbd", b"").unwrap();
+    let ev = xs.wait_watch(None).unwrap().unwrap();
+    assert_eq!(ev.path, "/local/domain/3/device/vbd");
 
     xs.unwatch("/local/domain/3/device", "vif").unwrap();
     let err = xs.unwatch("/local/domain/3/device", "vif").unwrap_err();

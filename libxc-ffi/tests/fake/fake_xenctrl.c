@@ -15,7 +15,9 @@
 #endif
 
 #define NDOMS 300 /* more than one getinfolist batch of libxc-ffi (256) */
-#define CTX_SIZE 100
+/* A well-formed HVM context: HEADER, CPU for vCPUs 0 and 1, END. */
+#define CTX_SIZE (int)(2 * sizeof(struct hvm_save_descriptor) + sizeof(struct hvm_save_header) + \
+                       2 * (sizeof(struct hvm_save_descriptor) + sizeof(struct hvm_hw_cpu)))
 
 struct xc_interface_core {
     int paused[NDOMS];
@@ -189,13 +191,39 @@ long long xc_logdirty_control(xc_interface *xch, uint32_t domid, unsigned int so
     }
 }
 
+static void fill_cpu(struct hvm_hw_cpu *c, uint16_t instance)
+{
+    memset(c, 0, sizeof(*c));
+    c->rip = 0xfff0 + instance;
+    c->cr3 = 0x1000;
+    c->tsc = 0x1122334455667788ULL;
+}
+
+static uint8_t *put(uint8_t *p, uint16_t code, uint16_t inst, uint32_t len)
+{
+    struct hvm_save_descriptor d = { .typecode = code, .instance = inst, .length = len };
+    memcpy(p, &d, sizeof(d));
+    return p + sizeof(d);
+}
+
 int xc_domain_hvm_getcontext(xc_interface *xch, uint32_t domid, uint8_t *ctxt_buf, uint32_t size)
 {
     (void)xch;
     if (find(domid) < 0) return -1;
     if (!ctxt_buf) return CTX_SIZE;
-    if (size < CTX_SIZE) { errno = ENOSPC; return -1; }
-    for (int k = 0; k < CTX_SIZE; k++) ctxt_buf[k] = (uint8_t)k;
+    if (size < (uint32_t)CTX_SIZE) { errno = ENOSPC; return -1; }
+    uint8_t *p = put(ctxt_buf, 1, 0, sizeof(struct hvm_save_header));
+    struct hvm_save_header h = { .magic = HVM_FILE_MAGIC, .version = HVM_FILE_VERSION };
+    memcpy(p, &h, sizeof(h));
+    p += sizeof(h);
+    for (uint16_t v = 0; v < 2; v++) {
+        struct hvm_hw_cpu c;
+        p = put(p, 2, v, sizeof(c));
+        fill_cpu(&c, v);
+        memcpy(p, &c, sizeof(c));
+        p += sizeof(c);
+    }
+    put(p, 0, 0, 0);
     return CTX_SIZE;
 }
 
@@ -208,11 +236,7 @@ int xc_domain_hvm_getcontext_partial(xc_interface *xch, uint32_t domid, uint16_t
         errno = ENOENT;
         return -1;
     }
-    struct hvm_hw_cpu *c = ctxt_buf;
-    memset(c, 0, sizeof(*c));
-    c->rip = 0xfff0 + instance;
-    c->cr3 = 0x1000;
-    c->tsc = 0x1122334455667788ULL;
+    fill_cpu(ctxt_buf, instance);
     return 0;
 }
 
@@ -221,7 +245,10 @@ int xc_domain_hvm_setcontext(xc_interface *xch, uint32_t domid, uint8_t *hvm_ctx
     (void)xch;
     if (find(domid) < 0) return -1;
     fake_last_setcontext_size = (int)size;
-    if (size != CTX_SIZE || hvm_ctxt[99] != 99) { errno = EINVAL; return -1; }
+    struct hvm_save_descriptor end;
+    if (size != (uint32_t)CTX_SIZE) { errno = EINVAL; return -1; }
+    memcpy(&end, hvm_ctxt + size - sizeof(end), sizeof(end));
+    if (end.typecode != 0 || end.length != 0) { errno = EINVAL; return -1; }
     return 0;
 }
 
