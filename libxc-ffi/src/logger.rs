@@ -34,14 +34,20 @@ unsafe extern "C" fn vmessage(
     if n < 0 {
         return;
     }
-    let text = CStr::from_bytes_until_nul(&buf)
-        .map_or(std::borrow::Cow::Borrowed(""), |c| c.to_string_lossy());
     let ctx = if context.is_null() {
-        std::borrow::Cow::Borrowed("xen")
+        None
     } else {
         // SAFETY: a non-null context is a NUL-terminated string constant of the C library.
-        unsafe { CStr::from_ptr(context) }.to_string_lossy()
+        Some(unsafe { CStr::from_ptr(context) })
     };
+    // A panic must not unwind into C: a misbehaving `log` backend loses the message instead.
+    let _ = std::panic::catch_unwind(|| emit(level, errnoval, ctx, &buf));
+}
+
+fn emit(level: xentoollog_level, errnoval: c_int, context: Option<&CStr>, buf: &[u8]) {
+    let text = CStr::from_bytes_until_nul(buf)
+        .map_or(std::borrow::Cow::Borrowed(""), |c| c.to_string_lossy());
+    let ctx = context.map_or(std::borrow::Cow::Borrowed("xen"), CStr::to_string_lossy);
     let sev = if level >= xentoollog_level_XTL_ERROR {
         "error"
     } else {

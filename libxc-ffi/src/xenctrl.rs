@@ -141,7 +141,9 @@ impl Drop for XcInner {
     }
 }
 
-/// An open libxenctrl interface (`xc_interface *`), closed on drop.
+/// An open libxenctrl interface (`xc_interface *`), closed when the last clone (and every
+/// [`DirtyBitmapBuffer`] allocated on it) is dropped.  Clones share the handle.
+#[derive(Clone)]
 pub struct XenCtrl {
     inner: Arc<XcInner>,
     version: XenVersion,
