@@ -25,7 +25,10 @@ pub trait GrantTables: Send + Sync {
 /// (`std::sync::atomic::fence`, as the ring protocol's `rmb`/`wmb`/`mb`). Out-of-range and
 /// misaligned accesses fail without touching memory; writes through a read-only mapping fail
 /// with `EACCES`.
-pub trait GrantMapping: Send + Sync + std::fmt::Debug {
+///
+/// A mapping is `Send`, not necessarily `Sync` (like `libxc_ffi::GrantMapping`): one thread
+/// owns a ring; share it behind a `Mutex` if you must.
+pub trait GrantMapping: Send + std::fmt::Debug {
     /// The granting domain.
     fn domid(&self) -> DomId;
 
@@ -46,6 +49,9 @@ pub trait GrantMapping: Send + Sync + std::fmt::Debug {
     /// Copies `data` into the mapping at `offset`.
     fn write(&self, offset: usize, data: &[u8]) -> Result<()>;
 
+    /// One volatile `u8` read.
+    fn read_u8(&self, offset: usize) -> Result<u8>;
+
     /// One volatile, 2-aligned little-endian `u16` read.
     fn read_u16(&self, offset: usize) -> Result<u16>;
 
@@ -54,6 +60,9 @@ pub trait GrantMapping: Send + Sync + std::fmt::Debug {
 
     /// One volatile, 8-aligned `u64` read.
     fn read_u64(&self, offset: usize) -> Result<u64>;
+
+    /// One volatile `u8` write.
+    fn write_u8(&self, offset: usize, value: u8) -> Result<()>;
 
     /// One volatile, 2-aligned `u16` write.
     fn write_u16(&self, offset: usize, value: u16) -> Result<()>;

@@ -238,6 +238,13 @@ fn grant_mapping_shares_the_guest_page() {
     assert_eq!(map.read_u16(0x44).unwrap(), 7);
     map.write_u64(0x48, u64::MAX - 1).unwrap();
     assert_eq!(map.read_u64(0x48).unwrap(), u64::MAX - 1);
+    map.write_u8(0x58, 0xEE).unwrap();
+    assert_eq!(map.read_u8(0x58).unwrap(), 0xEE);
+    assert_eq!(
+        map.read_u8(0x40).unwrap(),
+        0xDD,
+        "lowest byte of the u32 first"
+    );
     map.write_u16(0x50, 0x1234).unwrap();
     assert_eq!(map.read_u32(0x50).unwrap(), 0x1234);
 

@@ -204,6 +204,10 @@ impl GrantMapping for MemGrantMapping {
         Ok(())
     }
 
+    fn read_u8(&self, offset: usize) -> Result<u8> {
+        self.load::<1>(offset).map(|[b]| b)
+    }
+
     fn read_u16(&self, offset: usize) -> Result<u16> {
         self.load::<2>(offset).map(u16::from_le_bytes)
     }
@@ -214,6 +218,10 @@ impl GrantMapping for MemGrantMapping {
 
     fn read_u64(&self, offset: usize) -> Result<u64> {
         self.load::<8>(offset).map(u64::from_le_bytes)
+    }
+
+    fn write_u8(&self, offset: usize, value: u8) -> Result<()> {
+        self.store(offset, [value])
     }
 
     fn write_u16(&self, offset: usize, value: u16) -> Result<()> {

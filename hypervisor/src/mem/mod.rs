@@ -9,7 +9,7 @@
 //!   checkpoint that forgets to pause shows up as [`GuestError::NotRunning`] in the guest
 //!   driver instead of silently copying a moving target), grants pages, allocates and
 //!   notifies event channels and talks to xenstore as its own domain.
-//! * [`FaultPlan`] fails chosen calls (by [`Method`](crate::Method)) and logs all of them.
+//! * [`FaultPlan`] fails chosen calls (by [`Method`]) and logs all of them.
 //!
 //! What is modelled, after Xen 4.17: pause as a refcount (`EINVAL` when unpausing an
 //! unpaused domain, `EOVERFLOW` beyond 255); log-dirty starting clean, `EINVAL` when enabled
