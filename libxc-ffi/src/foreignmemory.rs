@@ -399,6 +399,7 @@ impl XenForeignMemory {
         let region = unsafe { Region::new(ptr, len, writable) };
         Ok(ResourceMapping {
             region,
+            domid,
             fres,
             fmem: Arc::clone(&self.inner),
         })
@@ -502,6 +503,7 @@ impl Drop for ForeignMapping {
 /// A mapped guest resource; released on drop.  Access through [`GuestMemory`].
 pub struct ResourceMapping {
     region: Region,
+    domid: u32,
     fres: NonNull<t::xenforeignmemory_resource_handle>,
     fmem: Arc<FmemInner>,
 }
@@ -512,6 +514,11 @@ unsafe impl Send for ResourceMapping {}
 impl ResourceMapping {
     fn region(&self) -> &Region {
         &self.region
+    }
+
+    /// The domain whose resource this is.
+    pub fn domid(&self) -> u32 {
+        self.domid
     }
 }
 

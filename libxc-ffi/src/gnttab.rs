@@ -169,6 +169,7 @@ impl XenGnttab {
         Ok(GrantMapping {
             region,
             pages,
+            domid,
             gnttab: Arc::clone(&self.inner),
         })
     }
@@ -264,6 +265,7 @@ pub struct GrantMapping {
     // Only a pointer and a length: Drop::drop unmaps and nothing uses it afterwards.
     region: Region,
     pages: usize,
+    domid: u32,
     gnttab: Arc<GnttabInner>,
 }
 
@@ -280,6 +282,11 @@ impl GrantMapping {
     pub fn pages(&self) -> usize {
         self.pages
     }
+
+    /// The granting domain (for [`XenGnttab::map_grant_refs_multi`], the first pair's).
+    pub fn domid(&self) -> u32 {
+        self.domid
+    }
 }
 
 impl_guest_memory!(GrantMapping);
@@ -287,6 +294,7 @@ impl_guest_memory!(GrantMapping);
 impl core::fmt::Debug for GrantMapping {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("GrantMapping")
+            .field("domid", &self.domid)
             .field("pages", &self.pages)
             .field("region", &self.region)
             .finish()

@@ -466,6 +466,7 @@ fn gnttab_maps_copy_in_out_and_unmaps_on_drop() {
 
     let ro = g.map_grant_ref(1, 77, false).unwrap();
     assert_eq!((ro.pages(), ro.len(), ro.is_writable()), (1, 4096, false));
+    assert_eq!(ro.domid(), 1);
     assert_eq!(ro.read_u32(0), Ok(77));
     assert_eq!(ro.read_u32(4), Ok(1));
     assert_eq!(ro.read_u8(100), Ok(77));
@@ -558,7 +559,7 @@ fn foreign_memory_map_names_the_failed_pfn_and_unmaps() {
     let gt = fm
         .map_resource(3, XENMEM_resource_grant_table, 0, 2, 3, false)
         .unwrap();
-    assert_eq!(gt.len(), 3 * 4096);
+    assert_eq!((gt.len(), gt.domid()), (3 * 4096, 3));
     assert_eq!(gt.read_u64(0), Ok(0x6002));
     assert_eq!(gt.read_u64(2 * 4096), Ok(0x6004));
     assert!(matches!(gt.write_u8(0, 1), Err(MemError::ReadOnly { .. })));
