@@ -131,3 +131,60 @@ pub trait DomainControl: Send + Sync {
     /// (`xc_domain_maximum_gpfn`): a dirty bitmap covers `maximum_gpfn + 1` pages.
     fn maximum_gpfn(&self, domid: DomId) -> Result<Pfn>;
 }
+
+/// A toolstack pause reference held on a domain: [`pause`](PauseGuard::pause) takes it, and
+/// it is given back exactly once, by [`unpause`](PauseGuard::unpause) (which reports a
+/// failure) or, on any early return, when the guard is dropped (which can only log one).
+/// Checkpoint code that holds one cannot leave a guest paused on an error path.
+#[must_use = "dropping the guard unpauses the domain at once"]
+pub struct PauseGuard<'a, D: DomainControl + ?Sized> {
+    control: &'a D,
+    domid: DomId,
+    held: bool,
+}
+
+impl<'a, D: DomainControl + ?Sized> PauseGuard<'a, D> {
+    /// Pauses `domid` (one reference).
+    pub fn pause(control: &'a D, domid: DomId) -> Result<PauseGuard<'a, D>> {
+        control.pause(domid)?;
+        Ok(PauseGuard {
+            control,
+            domid,
+            held: true,
+        })
+    }
+
+    /// The paused domain.
+    pub fn domid(&self) -> DomId {
+        self.domid
+    }
+
+    /// Gives the reference back, reporting a failure (the reference is considered gone either
+    /// way: Xen's unpause has no partial effect to retry).
+    pub fn unpause(mut self) -> Result<()> {
+        self.held = false;
+        self.control.unpause(self.domid)
+    }
+}
+
+impl<D: DomainControl + ?Sized> Drop for PauseGuard<'_, D> {
+    fn drop(&mut self) {
+        if self.held {
+            if let Err(err) = self.control.unpause(self.domid) {
+                log::error!(
+                    "cannot unpause domain {} after an early exit: {err}",
+                    self.domid
+                );
+            }
+        }
+    }
+}
+
+impl<D: DomainControl + ?Sized> std::fmt::Debug for PauseGuard<'_, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PauseGuard")
+            .field("domid", &self.domid)
+            .field("held", &self.held)
+            .finish()
+    }
+}

@@ -22,6 +22,22 @@
 //! | [`XenStore`] | `xs_open`, `xs_read/write/mkdir/rm/directory`, `xs_get/set_permissions`, `xs_transaction_start/end`, `xs_watch/unwatch/read_watch`, `xs_fileno`, `xs_get_domain_path` |
 //!
 //! [`Hypervisor`] bundles them for code that wants "one Xen host" as a single `&dyn`.
+//! [`PauseGuard`] holds a pause reference so that no error path leaves a guest paused.
+//!
+//! Notes for the real implementation (semantics the in-memory one already follows):
+//! * [`EventChannels::pending`] never blocks (`xenevtchn` `wait_pending(Some(0))`);
+//!   [`EventChannels::wait`] polls the fd, then reads the port.
+//! * [`LogDirty::log_dirty_clean`]/`peek` fill a caller-sized [`DirtyBitmap`]: clean/peek
+//!   into a hypercall buffer of `bitmap.nr_pages()` pages, copy it into
+//!   [`DirtyBitmap::words_mut`], then [`DirtyBitmap::trim`].
+//! * [`GuestMemory::read_pages`] maps the batch read-only with `xenforeignmemory_map` and its
+//!   per-page error array; pages that failed become [`HypervisorError::Pages`] entries, the
+//!   others are copied.
+//! * [`XenStore::read_watch`] with `Some(ZERO)` is `check_watch`, with a timeout
+//!   `wait_watch`, with `None` the blocking `read_watch`; [`XenStore::transaction_end`] maps
+//!   a conflicting commit to `EAGAIN` so [`with_transaction`] retries it.
+//! * Errors: `std::io::Error`s become [`Errno`] via [`Errno::from_io`], wrapped in the
+//!   [`HypervisorError`] variant that names the object (domain, port, grant, path).
 //!
 //! Rules every implementation keeps:
 //! * guest memory is never handed out as a Rust slice: the guest changes it under us, so it is
@@ -43,7 +59,7 @@ pub mod mem;
 mod memory;
 mod xenstore;
 
-pub use domain::{DomainControl, DomainInfo, GuestType, ShutdownReason};
+pub use domain::{DomainControl, DomainInfo, GuestType, PauseGuard, ShutdownReason};
 pub use error::{Errno, HypervisorError, Method, Result, UnknownMethod};
 pub use evtchn::{EventChannelControl, EventChannels, EvtchnState, EvtchnStatus};
 pub use gnttab::{GrantMapping, GrantTables};

@@ -388,3 +388,39 @@ fn checkpoint_copies_a_consistent_image() {
         );
     }
 }
+
+#[test]
+fn pause_guard_unpauses_exactly_once() {
+    use hypervisor::PauseGuard;
+    let xen = MemXen::new();
+    let d = xen.create_domain(DomainConfig::hvm(8)).unwrap();
+    let faults = xen.faults();
+
+    // Explicit unpause.
+    let guard = PauseGuard::pause(&xen, d).unwrap();
+    assert_eq!((guard.domid(), xen.pause_count(d)), (d, Some(1)));
+    guard.unpause().unwrap();
+    assert_eq!(xen.pause_count(d), Some(0));
+
+    // Early exit: the drop unpauses.
+    let early = |xen: &MemXen| -> Result<(), HypervisorError> {
+        let _guard = PauseGuard::pause(xen, d)?;
+        xen.hvm_context_partial(d, 99, 0)?; // fails with ENOENT
+        Ok(())
+    };
+    assert_eq!(errno(early(&xen)), Errno::ENOENT);
+    assert_eq!(xen.pause_count(d), Some(0));
+    assert_eq!(faults.calls(Method::Unpause), 2);
+
+    // Through a trait object, and a failed pause holds nothing.
+    let dc: &dyn DomainControl = &xen;
+    faults.fail_next(Method::Pause, Errno::EIO);
+    assert_eq!(errno(PauseGuard::pause(dc, d)), Errno::EIO);
+    assert_eq!(faults.calls(Method::Unpause), 2, "nothing to give back");
+
+    // A failing explicit unpause is reported.
+    let guard = PauseGuard::pause(dc, d).unwrap();
+    faults.fail_next(Method::Unpause, Errno::EBUSY);
+    assert_eq!(errno(guard.unpause()), Errno::EBUSY);
+    assert_eq!(faults.calls(Method::Unpause), 3, "not retried by a drop");
+}
