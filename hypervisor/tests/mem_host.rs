@@ -387,6 +387,31 @@ fn checkpoint_copies_a_consistent_image() {
             ]
         );
     }
+    assert_eq!(xen.unpaused_snapshots(d), Some(0));
+}
+
+#[test]
+fn snapshots_of_a_running_domain_are_counted() {
+    let xen = MemXen::new();
+    let d = xen.create_domain(DomainConfig::hvm(8)).unwrap();
+    xen.log_dirty_enable(d).unwrap();
+    let mut bitmap = DirtyBitmap::new(8);
+    let mut page = [0u8; PAGE_SIZE];
+    // A checkpoint that forgot to pause.
+    xen.log_dirty_clean(d, &mut bitmap).unwrap();
+    xen.read_page(d, 1, &mut page).unwrap();
+    xen.hvm_context(d).unwrap();
+    assert_eq!(xen.unpaused_snapshots(d), Some(3));
+    // The same calls while paused are fine; so is reading a crashed (stopped) guest.
+    xen.pause(d).unwrap();
+    xen.log_dirty_clean(d, &mut bitmap).unwrap();
+    xen.read_page(d, 1, &mut page).unwrap();
+    xen.vcpu_context(d, 0).unwrap();
+    xen.unpause(d).unwrap();
+    xen.guest(d).shutdown(ShutdownReason::Crash).unwrap();
+    xen.read_page(d, 1, &mut page).unwrap();
+    assert_eq!(xen.unpaused_snapshots(d), Some(3));
+    assert_eq!(xen.unpaused_snapshots(99), None);
 }
 
 #[test]

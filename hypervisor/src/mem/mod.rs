@@ -7,7 +7,8 @@
 //! * [`MemGuest`] is a test's hand inside a guest: it writes pages like a running guest
 //!   (marking them in the log-dirty bitmap, and **refused while the domain is paused**, so a
 //!   checkpoint that forgets to pause shows up as [`GuestError::NotRunning`] in the guest
-//!   driver instead of silently copying a moving target), grants pages, allocates and
+//!   driver instead of silently copying a moving target; [`MemXen::unpaused_snapshots`]
+//!   counts the copies taken from a running domain), grants pages, allocates and
 //!   notifies event channels and talks to xenstore as its own domain.
 //! * [`FaultPlan`] fails chosen calls (by [`Method`]) and logs all of them.
 //!
@@ -177,6 +178,8 @@ pub(crate) struct Domain {
     pub(crate) guest_events: BTreeSet<Port>,
     pub(crate) grants: BTreeMap<GrantRef, GrantEntry>,
     pub(crate) next_gref: GrantRef,
+    /// Snapshot calls (memory, contexts, dirty harvest) made while the domain was running.
+    pub(crate) unpaused_snapshots: u64,
 }
 
 impl Domain {
@@ -198,6 +201,14 @@ impl Domain {
             if ld.dirty.insert(pfn) {
                 ld.faults = ld.faults.saturating_add(1);
             }
+        }
+    }
+
+    /// Counts a snapshot call made while the vCPUs run (a checkpoint that forgot to pause).
+    fn note_snapshot(&mut self, op: Method, domid: DomId) {
+        if self.pause_count == 0 && self.shutdown.is_none() {
+            self.unpaused_snapshots += 1;
+            log::debug!("in-memory {op} of domain {domid} while it runs");
         }
     }
 
@@ -425,6 +436,7 @@ impl MemXen {
                 guest_events: BTreeSet::new(),
                 grants: BTreeMap::new(),
                 next_gref: FIRST_GUEST_GREF,
+                unpaused_snapshots: 0,
             },
         );
         let shared = Arc::new(Shared {
@@ -483,6 +495,7 @@ impl MemXen {
                     guest_events: BTreeSet::new(),
                     grants: BTreeMap::new(),
                     next_gref: FIRST_GUEST_GREF,
+                    unpaused_snapshots: 0,
                 },
             );
             domid
@@ -525,6 +538,17 @@ impl MemXen {
             .domains
             .get(&domid)
             .map(|d| d.pause_count)
+    }
+
+    /// How many snapshot calls (`read_pages`, `hvm_context`, `hvm_context_partial`,
+    /// `vcpu_context`, `log_dirty_clean`/`peek`) found the domain running, i.e. not paused
+    /// and not shut down (`None`: no such domain). A checkpoint that forgets to pause makes
+    /// this non-zero; tests of checkpoint code should assert it stays 0.
+    pub fn unpaused_snapshots(&self, domid: DomId) -> Option<u64> {
+        lock(&self.shared.host)
+            .domains
+            .get(&domid)
+            .map(|d| d.unpaused_snapshots)
     }
 
     /// Whether log-dirty mode is on (`None`: no such domain).
@@ -631,6 +655,7 @@ impl DomainControl for MemXen {
         self.shared.fault_dom(op, domid)?;
         let mut host = lock(&self.shared.host);
         let dom = host.domain(op, domid)?;
+        dom.note_snapshot(op, domid);
         if !dom.is_hvm() {
             return Err(HypervisorError::Domain {
                 op,
@@ -668,6 +693,7 @@ impl DomainControl for MemXen {
         let err = |errno| HypervisorError::Domain { op, domid, errno };
         let mut host = lock(&self.shared.host);
         let dom = host.domain(op, domid)?;
+        dom.note_snapshot(op, domid);
         if !dom.is_hvm() {
             return Err(err(Errno::EINVAL));
         }
@@ -683,6 +709,7 @@ impl DomainControl for MemXen {
         self.shared.fault_dom(op, domid)?;
         let mut host = lock(&self.shared.host);
         let dom = host.domain(op, domid)?;
+        dom.note_snapshot(op, domid);
         dom.vcpu_contexts
             .get(vcpu as usize)
             .cloned()
@@ -752,6 +779,7 @@ impl GuestMemory for MemXen {
         check_batch(op, pfns, buf.len())?;
         let mut host = lock(&self.shared.host);
         let dom = host.domain(op, domid)?;
+        dom.note_snapshot(op, domid);
         let mut failures = Vec::new();
         for (pfn, slot) in pfns.iter().zip(buf.chunks_exact_mut(PAGE_SIZE)) {
             if !dom.populated(*pfn) {
@@ -811,6 +839,7 @@ impl MemXen {
         self.shared.fault_dom(op, domid)?;
         let mut host = lock(&self.shared.host);
         let dom = host.domain(op, domid)?;
+        dom.note_snapshot(op, domid);
         let Some(ld) = dom.log_dirty.as_mut() else {
             return Err(HypervisorError::Domain {
                 op,
