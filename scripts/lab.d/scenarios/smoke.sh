@@ -1,5 +1,7 @@
-# Scenario smoke: two hosts boot, a PVH and an HVM guest run on host1 and show their heartbeat,
-# the two dom0s ping each other, the project's binaries run in dom0.
+# Scenario smoke: two hosts boot and their dom0s ping each other; the project's binaries and the
+# Xen libraries they load are in dom0; a PVH guest (disk + NIC on xenbr0) and an HVM guest run on
+# host1: heartbeat on their consoles, PV block/net frontends loaded, disk records written, and the
+# PVH guest's TCP service answers host2's dom0 across the virtual network.
 # Sourced by scripts/lab (lab_run_scenario) in a subshell with errexit: any failing command fails
 # the scenario; lab_step names the step that is reported.
 
@@ -16,7 +18,7 @@ lab_run host1 'kemari --help >/dev/null && kemarid --help >/dev/null'
 lab_run host1 'for l in libxenctrl.so.4.17 libxenguest.so.4.17 libxenevtchn.so.1 libxengnttab.so.1 libxenforeignmemory.so.1 libxenstore.so.4 libxentoollog.so.1 libxencall.so.1 libxendevicemodel.so.1 libxentoolcore.so.1; do [ -e /usr/lib/x86_64-linux-gnu/$l ] || { echo "missing $l"; exit 1; }; done'
 
 lab_step "create PVH guest"
-lab_create_guest host1 pvh smoke-pvh disk=16
+lab_create_guest host1 pvh smoke-pvh disk=16 net=1 ip=10.77.0.101/24
 lab_figure pvh_create_s "$LAB_CREATE_SECONDS"
 
 lab_step "create HVM guest"
@@ -27,12 +29,21 @@ lab_step "PVH guest heartbeat"
 lab_wait_console host1 smoke-pvh 'kemari-guest alive 1' 120
 lab_figure pvh_alive_s "$LAB_WAIT_SECONDS"
 
+lab_step "PVH guest has xen-blkfront and xen-netfront"
+lab_wait_console host1 smoke-pvh 'kemari-guest modules: .*xen_blkfront.*xen_netfront' 10
+
 lab_step "PVH guest disk writes"
 lab_wait_console host1 smoke-pvh 'kemari-disk wrote 2' 60
+
+lab_step "PVH guest TCP service answers host2"
+out=$(lab_run host2 'echo hello | nc -w 10 10.77.0.101 7000' 60)
+echo "$out"
+case "$out" in *kemari-count*hello*) ;; *) lab_fail "unexpected answer from 10.77.0.101:7000: '$out'" ;; esac
 
 lab_step "HVM guest heartbeat"
 lab_wait_console host1 smoke-hvm 'kemari-guest alive 1' 240
 lab_figure hvm_alive_s "$LAB_WAIT_SECONDS"
+lab_wait_console host1 smoke-hvm 'kemari-guest modules: .*xen_blkfront.*xen_netfront' 10
 
 lab_step "xl list shows both guests"
 lab_run host1 'xl list'
