@@ -252,6 +252,38 @@ fn guest_watchers_only_see_what_they_may_read() {
     drain(&guest);
     dom0.write(NONE, "/local/domain/0/secret", b"x").unwrap();
     assert!(drain(&guest).is_empty());
+
+    // An unreadable node under a readable parent still fires (xenstored's watch_permitted):
+    // that is how a frontend sees its backend's private keys come and go.
+    let be = format!("/local/domain/0/backend/vbd/{d}");
+    dom0.mkdir(NONE, &be).unwrap();
+    dom0.set_permissions(
+        NONE,
+        &be,
+        &[
+            XsPerm::new(0, XsPermKind::None),
+            XsPerm::new(d, XsPermKind::Read),
+        ],
+    )
+    .unwrap();
+    guest.unwatch("/local/domain/0", "spy").unwrap();
+    guest.watch(&be, "be").unwrap();
+    drain(&guest);
+    dom0.write(NONE, &format!("{be}/private"), b"1").unwrap();
+    dom0.set_permissions(
+        NONE,
+        &format!("{be}/private"),
+        &[XsPerm::new(0, XsPermKind::None)],
+    )
+    .unwrap();
+    assert_eq!(
+        errno(guest.read(NONE, &format!("{be}/private"))),
+        Errno::EACCES
+    );
+    dom0.write(NONE, &format!("{be}/private"), b"2").unwrap();
+    assert_eq!(drain(&guest), vec![ev(&format!("{be}/private"), "be"); 3]);
+    dom0.rm(NONE, &format!("{be}/private")).unwrap();
+    assert_eq!(drain(&guest), vec![ev(&format!("{be}/private"), "be")]);
 }
 
 #[test]

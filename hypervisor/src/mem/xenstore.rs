@@ -38,8 +38,9 @@ struct Fire {
     /// `true`: watches on exactly `path` (a deleted descendant, a special `@` path);
     /// `false`: watches on `path` or any ancestor.
     exact: bool,
-    /// The node's permissions, for unprivileged watchers (`None`: no check).
-    perms: Option<Vec<XsPerm>>,
+    /// Permissions of the node and of its parent, for unprivileged watchers, who get the
+    /// event if they can read either (as xenstored's `watch_permitted`); empty: no check.
+    perms: Vec<Vec<XsPerm>>,
 }
 
 /// A modification recorded in a transaction, replayed at commit.
@@ -271,9 +272,11 @@ impl Ctx<'_> {
         }
         self.writable(path)?;
         let root_fire = self.fire_at(path);
-        // Depth-first removal; deleted descendants fire watches set exactly on them.
+        // Depth-first removal; deleted descendants fire watches set exactly on them, with the
+        // permissions they had.
         let mut fires = Vec::new();
         let mut stack = vec![path.to_owned()];
+        let mut removed_perms: HashMap<String, Vec<XsPerm>> = HashMap::new();
         while let Some(p) = stack.pop() {
             self.touch(&p);
             if let Some(node) = self.tree.nodes.remove(&p) {
@@ -281,12 +284,17 @@ impl Ctx<'_> {
                     stack.push(join(&p, child));
                 }
                 if p != path {
+                    let parent_perms = parent_of(&p)
+                        .and_then(|parent| removed_perms.get(parent))
+                        .cloned()
+                        .unwrap_or_default();
                     fires.push(Fire {
-                        path: p,
+                        path: p.clone(),
                         exact: true,
-                        perms: Some(node.perms),
+                        perms: vec![node.perms.clone(), parent_perms],
                     });
                 }
+                removed_perms.insert(p, node.perms);
             }
         }
         self.touch(&parent);
@@ -316,10 +324,15 @@ impl Ctx<'_> {
     }
 
     fn fire_at(&self, path: &str) -> Fire {
+        let perms_of = |p: &str| self.tree.nodes.get(p).map(|n| n.perms.clone());
         Fire {
             path: path.to_owned(),
             exact: false,
-            perms: self.tree.nodes.get(path).map(|n| n.perms.clone()),
+            perms: [Some(path), parent_of(path)]
+                .into_iter()
+                .flatten()
+                .filter_map(perms_of)
+                .collect(),
         }
     }
 
@@ -378,10 +391,11 @@ impl XsState {
                 } else {
                     is_child(&fire.path, &watch.path)
                 };
-                let allowed = match &fire.perms {
-                    Some(perms) => rights(perms, watch.domid).can_read(),
-                    None => true,
-                };
+                let allowed = fire.perms.is_empty()
+                    || fire
+                        .perms
+                        .iter()
+                        .any(|perms| rights(perms, watch.domid).can_read());
                 if matches && allowed {
                     watch.queue.push(WatchEvent {
                         path: fire.path.clone(),
@@ -437,7 +451,7 @@ pub(crate) fn introduce_domain(shared: &Shared, domid: DomId, name: &str) {
     fires.push(Fire {
         path: String::from(INTRODUCE_DOMAIN),
         exact: true,
-        perms: None,
+        perms: Vec::new(),
     });
     xs.fire(&fires);
 }
@@ -455,7 +469,7 @@ pub(crate) fn release_domain(shared: &Shared, domid: DomId) {
     fires.push(Fire {
         path: String::from(RELEASE_DOMAIN),
         exact: true,
-        perms: None,
+        perms: Vec::new(),
     });
     xs.fire(&fires);
 }
@@ -468,7 +482,8 @@ pub(crate) fn release_domain(shared: &Shared, domid: DomId) {
 /// copy of the tree and record the generation of every node they read or write (including
 /// parents whose child lists they change); the commit fails with `EAGAIN` if any of those
 /// nodes changed since, otherwise replays the transaction's changes and fires their watches.
-/// Watch paths are absolute or `@introduceDomain` / `@releaseDomain`. Dropping the
+/// Watch paths are absolute or `@introduceDomain` / `@releaseDomain`; a guest connection
+/// gets an event if it may read the changed node or its parent. Dropping the
 /// connection removes its watches and abandons its transactions.
 #[derive(Debug)]
 pub struct MemXenStore {
