@@ -8,8 +8,9 @@ use crate::{DomId, Pfn, Result, PAGE_SIZE};
 /// changes it under any such reference. A consistent copy needs the domain paused (see
 /// [`DomainControl::pause`](crate::DomainControl::pause)).
 ///
-/// Writes through this trait are the toolstack's (restoring a checkpoint on the secondary);
-/// like foreign writes in Xen they do not mark pages in the log-dirty bitmap.
+/// Writes through this trait are the toolstack's (restoring a checkpoint on the secondary).
+/// Callers must not rely on them appearing in the domain's log-dirty bitmap (the in-memory
+/// model never logs them; whether Xen does depends on how dom0 maps the page).
 pub trait GuestMemory: Send + Sync {
     /// Copies the pages `pfns` (any order, duplicates allowed) into `buf`, page `i` at
     /// `buf[i * PAGE_SIZE..]`. `buf.len()` must be `pfns.len() * PAGE_SIZE`
