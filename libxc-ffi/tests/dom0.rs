@@ -98,6 +98,69 @@ fn dom0_hypervisor_and_xenstore() {
     page.read_into(0, &mut head).unwrap();
     println!("store page {store_pfn:#x}: {head:02x?}");
 
+    // Event channels: a port in the guest for dom0, bound from dom0, seen as interdomain.
+    let guest_port = xc.evtchn_alloc_unbound(domid, 0).unwrap();
+    assert_eq!(
+        xc.evtchn_status(domid, guest_port).unwrap().state,
+        EvtchnState::Unbound { remote_domid: 0 }
+    );
+    let ev = XenEvtchn::open().unwrap();
+    let local = ev.bind_interdomain(domid, guest_port).unwrap();
+    assert_eq!(
+        xc.evtchn_status(domid, guest_port).unwrap().state,
+        EvtchnState::Interdomain {
+            remote_domid: 0,
+            remote_port: local
+        }
+    );
+    ev.notify(local).unwrap();
+    assert_eq!(ev.wait_pending(Some(Duration::ZERO)).unwrap(), None);
+    ev.unbind(local).unwrap();
+    println!("event channel: guest port {guest_port} <-> dom0 port {local}");
+
+    // The guest's grant table frames as a resource.
+    let gt_size = fm
+        .resource_size(
+            domid,
+            XENMEM_resource_grant_table,
+            XENMEM_resource_grant_table_id_shared,
+        )
+        .unwrap();
+    let gt = fm
+        .map_resource(
+            domid,
+            XENMEM_resource_grant_table,
+            XENMEM_resource_grant_table_id_shared,
+            0,
+            1,
+            false,
+        )
+        .unwrap();
+    println!(
+        "grant table: {gt_size} bytes, first entry flags {:#x}",
+        gt.read_u16(0).unwrap()
+    );
+
+    // Copy pages out in a batch, including one beyond the guest's memory.
+    let mut buf = vec![0u8; 2 * PAGE_SIZE];
+    let failed = fm
+        .read_pages(domid, &[store_pfn, pages + 0x10_0000], &mut buf)
+        .unwrap();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].index, 1);
+
+    // Xenstore transaction in dom0's own tree.
+    let dir = "/local/domain/0/kemari-libxc-ffi-test";
+    xs.transaction(|t| {
+        t.write(&format!("{dir}/a"), b"1")?;
+        t.write(&format!("{dir}/b"), b"2")
+    })
+    .unwrap();
+    let mut kids = xs.directory(dir).unwrap();
+    kids.sort();
+    assert_eq!(kids, ["a", "b"]);
+    xs.rm(dir).unwrap();
+
     // Xenstore: read the guest's name, watch it.
     let home = xs.get_domain_path(domid).unwrap();
     let name = xs.read_string(&format!("{home}/name")).unwrap();
