@@ -8,8 +8,8 @@
 //!   refcounts, HVM contexts, event channels, grant tables, xenstore with watches and
 //!   transactions) plus a [`FaultPlan`](mem::FaultPlan) that can fail any call at any step.
 //!   **For unit tests and fault injection only**: it runs no guest and talks to no hypervisor.
-//! * `xen` (to come): the real one, over the `libxc-ffi` crate. The traits map 1:1 onto the
-//!   libraries it wraps, so that implementation is thin:
+//! * [`xen`]: the real one, over the `libxc-ffi` crate ([`xen::XenHost::open`] in a Xen 4.17
+//!   dom0). The traits map 1:1 onto the libraries it wraps, so that implementation is thin:
 //!
 //! | trait | Xen library calls |
 //! |---|---|
@@ -57,6 +57,7 @@ mod logdirty;
 
 pub mod mem;
 mod memory;
+pub mod xen;
 mod xenstore;
 
 pub use domain::{DomainControl, DomainInfo, GuestType, PauseGuard, ShutdownReason};
