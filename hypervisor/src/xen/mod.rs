@@ -36,7 +36,7 @@ mod xenstore;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 
 use libxc_ffi::sys::types::{XEN_X86_EMU_IOAPIC, XEN_X86_EMU_LAPIC, XEN_X86_EMU_VPCI};
@@ -72,6 +72,10 @@ pub struct XenHost {
     /// Hypercall-safe bitmap buffers, reused across log-dirty rounds, per domain. A buffer is
     /// taken out of the map for the duration of a call.
     dirty_buffers: Mutex<HashMap<DomId, DirtyBitmapBuffer>>,
+    /// Domains this host turned log-dirty on for (and not off since): a second enable of
+    /// one of them fails with `EINVAL` as the trait says, instead of being taken for QEMU's
+    /// VRAM tracking (see [`LogDirty::log_dirty_enable`]).
+    logdirty_enabled: Mutex<HashSet<DomId>>,
 }
 
 impl std::fmt::Debug for XenHost {
@@ -154,6 +158,13 @@ pub(crate) fn evtchn_status_from(s: &libxc_ffi::EvtchnStatus) -> Option<EvtchnSt
     })
 }
 
+/// Whether a failed log-dirty enable should be answered with `OFF` + `ENABLE` (see
+/// [`LogDirty::log_dirty_enable`] for [`XenHost`]): only `EINVAL`, and only for a domain this
+/// host has not enabled itself.
+pub(crate) fn retry_enable_after_off(err: &HypervisorError, enabled_by_us: bool) -> bool {
+    err.errno() == Some(Errno::EINVAL) && !enabled_by_us
+}
+
 /// `BufferSize` unless `len` is exactly `pages * PAGE_SIZE`.
 fn check_batch(op: Method, pages: usize, len: usize) -> Result<()> {
     let expected = pages.saturating_mul(PAGE_SIZE);
@@ -198,6 +209,7 @@ impl XenHost {
             gnttab: Mutex::new(None),
             gnttab_failure_logged: Mutex::new(false),
             dirty_buffers: Mutex::new(HashMap::new()),
+            logdirty_enabled: Mutex::new(HashSet::new()),
         })
     }
 
@@ -410,10 +422,34 @@ impl GuestMemory for XenHost {
 }
 
 impl LogDirty for XenHost {
+    /// `XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY`. Xen refuses it with `EINVAL` while log-dirty
+    /// mode is on for any reason, and an HVM guest's QEMU turns it on to track its VGA
+    /// memory (`xc_hvm_track_dirty_vram`). So, like libxc's own save code
+    /// (`enable_logdirty` in `xc_sr_save.c`), an `EINVAL` for a domain this host did not
+    /// enable is answered with `OFF` and one more `ENABLE`; VRAM tracking keeps working
+    /// under global log-dirty. A second enable by this host still fails with `EINVAL`.
     fn log_dirty_enable(&self, domid: DomId) -> Result<()> {
+        let op = Method::LogDirtyEnable;
+        let dom = u32::from(domid);
+        let err = match self.xc.logdirty_enable(dom) {
+            Ok(()) => {
+                lock(&self.logdirty_enabled).insert(domid);
+                return Ok(());
+            }
+            Err(e) => errors::xc_domain(op, domid, e),
+        };
+        if !retry_enable_after_off(&err, lock(&self.logdirty_enabled).contains(&domid)) {
+            return Err(err);
+        }
+        log::info!(
+            "domain {domid}: log-dirty already on (VRAM tracking?): turning it off and on again"
+        );
         self.xc
-            .logdirty_enable(u32::from(domid))
-            .map_err(|e| errors::xc_domain(Method::LogDirtyEnable, domid, e))
+            .logdirty_off(dom)
+            .and_then(|()| self.xc.logdirty_enable(dom))
+            .map_err(|e| errors::xc_domain(op, domid, e))?;
+        lock(&self.logdirty_enabled).insert(domid);
+        Ok(())
     }
 
     fn log_dirty_clean(&self, domid: DomId, bitmap: &mut DirtyBitmap) -> Result<LogDirtyStats> {
@@ -430,6 +466,9 @@ impl LogDirty for XenHost {
             .logdirty_off(u32::from(domid))
             .map_err(|e| errors::xc_domain(Method::LogDirtyDisable, domid, e));
         lock(&self.dirty_buffers).remove(&domid);
+        if r.is_ok() {
+            lock(&self.logdirty_enabled).remove(&domid);
+        }
         r
     }
 }

@@ -11,7 +11,7 @@ use libxc_ffi::{
 
 use super::errors::{self, OpenErrorKind, XenOpenError};
 use super::xenstore::{perm_from_ffi, perm_to_ffi};
-use super::{classify_guest, domain_info_from, evtchn_status_from};
+use super::{classify_guest, domain_info_from, evtchn_status_from, retry_enable_after_off};
 use crate::{
     Errno, EvtchnState, GuestType, HypervisorError, Method, ShutdownReason, XsPerm, XsPermKind,
 };
@@ -569,4 +569,23 @@ fn permissions_round_trip() {
         }),
         None
     );
+}
+
+#[test]
+fn log_dirty_enable_is_retried_only_for_einval_on_a_domain_we_did_not_enable() {
+    let err = |errno| HypervisorError::Domain {
+        op: Method::LogDirtyEnable,
+        domid: 3,
+        errno,
+    };
+    assert!(
+        retry_enable_after_off(&err(Errno::EINVAL), false),
+        "VRAM tracking"
+    );
+    assert!(
+        !retry_enable_after_off(&err(Errno::EINVAL), true),
+        "enabled twice"
+    );
+    assert!(!retry_enable_after_off(&err(Errno::EOPNOTSUPP), false));
+    assert!(!retry_enable_after_off(&err(Errno::ESRCH), false));
 }
