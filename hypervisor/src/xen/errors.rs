@@ -256,25 +256,26 @@ pub enum OpenErrorKind {
 }
 
 /// Opening a [`XenHost`](super::XenHost) failed: which library, and why.
+///
+/// The message includes the library's own error (so it is deliberately not also reported as
+/// [`source`](std::error::Error::source): `{:#}` chains would print it twice).
 #[derive(Debug, thiserror::Error)]
 pub enum XenOpenError {
     /// libxenctrl could not be loaded or opened.
-    #[error("cannot open libxenctrl ({library}): {source}")]
+    #[error("cannot open libxenctrl ({library}): {error}")]
     XenCtrl {
         /// The name or path loaded (`libxenctrl.so.4.17` unless overridden).
         library: String,
         /// Why.
-        #[source]
-        source: XcError,
+        error: XcError,
     },
     /// libxenforeignmemory could not be loaded or opened.
-    #[error("cannot open libxenforeignmemory ({library}): {source}")]
+    #[error("cannot open libxenforeignmemory ({library}): {error}")]
     ForeignMemory {
         /// The name or path loaded.
         library: String,
         /// Why.
-        #[source]
-        source: ForeignMemoryError,
+        error: ForeignMemoryError,
     },
 }
 
@@ -286,12 +287,12 @@ impl XenOpenError {
             LoadError::MissingSymbol { .. } => OpenErrorKind::MissingSymbol,
         };
         match self {
-            XenOpenError::XenCtrl { source, .. } => match source {
+            XenOpenError::XenCtrl { error, .. } => match error {
                 XcError::Load(e) => load(e),
                 XcError::WrongXenVersion { .. } => OpenErrorKind::WrongXenVersion,
                 _ => OpenErrorKind::InterfaceOpenFailed,
             },
-            XenOpenError::ForeignMemory { source, .. } => match source {
+            XenOpenError::ForeignMemory { error, .. } => match error {
                 ForeignMemoryError::Load(e) => load(e),
                 _ => OpenErrorKind::InterfaceOpenFailed,
             },

@@ -192,14 +192,14 @@ impl XenHost {
     /// fake libraries for tests). Libraries opened later (xenevtchn, xengnttab, xenstore)
     /// are taken from `paths` too.
     pub fn open_with(paths: &LibraryPaths) -> std::result::Result<XenHost, XenOpenError> {
-        let xc = XenCtrl::open_with(paths).map_err(|source| XenOpenError::XenCtrl {
+        let xc = XenCtrl::open_with(paths).map_err(|error| XenOpenError::XenCtrl {
             library: paths.xenctrl.to_string_lossy().into_owned(),
-            source,
+            error,
         })?;
         let fmem =
-            XenForeignMemory::open_with(paths).map_err(|source| XenOpenError::ForeignMemory {
+            XenForeignMemory::open_with(paths).map_err(|error| XenOpenError::ForeignMemory {
                 library: paths.xenforeignmemory.to_string_lossy().into_owned(),
-                source,
+                error,
             })?;
         log::debug!("opened Xen {} through libxc-ffi", xc.version());
         Ok(XenHost {

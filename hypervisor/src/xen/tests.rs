@@ -381,10 +381,14 @@ fn xenstore_errors_keep_the_path_and_a_commit_conflict_is_recognised() {
 fn open_errors_say_which_library_failed_and_how() {
     let e = XenOpenError::XenCtrl {
         library: "libxenctrl.so.4.17".into(),
-        source: XcError::Load(not_found()),
+        error: XcError::Load(not_found()),
     };
     assert_eq!(e.kind(), OpenErrorKind::LibraryNotFound);
     assert_eq!(e.library(), "libxenctrl.so.4.17");
+    assert!(
+        std::error::Error::source(&e).is_none(),
+        "the message already says why"
+    );
     let msg = e.to_string();
     assert!(
         msg.contains("libxenctrl.so.4.17 not found: is this a Xen 4.17 dom0?"),
@@ -393,7 +397,7 @@ fn open_errors_say_which_library_failed_and_how() {
 
     let e = XenOpenError::XenCtrl {
         library: "libxenctrl.so.4.17".into(),
-        source: XcError::Open {
+        error: XcError::Open {
             errno: ffi(libc::ENOENT),
         },
     };
@@ -402,7 +406,7 @@ fn open_errors_say_which_library_failed_and_how() {
 
     let e = XenOpenError::XenCtrl {
         library: "libxenctrl.so.4.17".into(),
-        source: XcError::WrongXenVersion {
+        error: XcError::WrongXenVersion {
             found_major: 4,
             found_minor: 18,
         },
@@ -411,7 +415,7 @@ fn open_errors_say_which_library_failed_and_how() {
 
     let e = XenOpenError::ForeignMemory {
         library: "libxenforeignmemory.so.1".into(),
-        source: ForeignMemoryError::Load(LoadError::MissingSymbol {
+        error: ForeignMemoryError::Load(LoadError::MissingSymbol {
             soname: "libxenforeignmemory.so.1".into(),
             dlerror: "undefined symbol: xenforeignmemory_map".into(),
         }),
