@@ -29,12 +29,15 @@
 //!   [`EventChannels::wait`] polls the fd, then reads the port.
 //! * [`LogDirty::log_dirty_clean`]/`peek` fill a caller-sized [`DirtyBitmap`]: clean/peek
 //!   into a hypercall buffer of `bitmap.nr_pages()` pages, copy it into
-//!   [`DirtyBitmap::words_mut`], then [`DirtyBitmap::trim`].
+//!   [`DirtyBitmap::words_mut`], then [`DirtyBitmap::trim`]. Enabling answers Xen's
+//!   `EINVAL` for a mode QEMU turned on (VRAM tracking) with `OFF` + `ENABLE`, as libxc's
+//!   save code does.
 //! * [`GuestMemory::read_pages`] maps the batch read-only with `xenforeignmemory_map` and its
 //!   per-page error array; pages that failed become [`HypervisorError::Pages`] entries, the
 //!   others are copied.
-//! * [`XenStore::read_watch`] with `Some(ZERO)` is `check_watch`, with a timeout
-//!   `wait_watch`, with `None` the blocking `read_watch`; [`XenStore::transaction_end`] maps
+//! * [`XenStore::read_watch`] with `Some(ZERO)` is `check_watch`, otherwise `wait_watch`
+//!   (poll the watch pipe, up to the timeout or forever, then `check_watch`); never the
+//!   blocking `xs_read_watch`, which cannot time out; [`XenStore::transaction_end`] maps
 //!   a conflicting commit to `EAGAIN` so [`with_transaction`] retries it.
 //! * Errors: `std::io::Error`s become [`Errno`] via [`Errno::from_io`], wrapped in the
 //!   [`HypervisorError`] variant that names the object (domain, port, grant, path).
