@@ -102,7 +102,19 @@ fn fake_lib(src: &str, defines: &[&str]) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     let key = format!("{src}{}", defines.join(""));
     let built = {
-        let mut cache = BUILT.get_or_init(|| Mutex::new(Vec::new())).lock().unwrap();
+        let mut cache = BUILT
+            .get_or_init(|| {
+                // Builds and copies of earlier runs (named with their pid) are not needed.
+                let mine = format!("-{}-", std::process::id());
+                for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                    if !entry.file_name().to_string_lossy().contains(&mine) {
+                        let _ = std::fs::remove_file(entry.path());
+                    }
+                }
+                Mutex::new(Vec::new())
+            })
+            .lock()
+            .unwrap();
         match cache.iter().find(|(k, _)| *k == key) {
             Some((_, p)) => p.clone(),
             None => {
