@@ -4,7 +4,7 @@
 //! [`XenForeignMemory`] is `Send + Sync` (an fd to privcmd plus immutable data; each map is a
 //! self-contained mmap + ioctl).  [`ForeignMapping`] and [`ResourceMapping`] keep the handle
 //! alive, unmap on drop, are `Send` but not `Sync`, and expose memory only via
-//! [`GuestMemory`].
+//! [`GuestMemory`](crate::GuestMemory).
 
 use core::ffi::c_void;
 use core::ptr::NonNull;
@@ -440,7 +440,7 @@ impl XenForeignMemory {
     }
 }
 
-/// Guest pages mapped by frame number; unmapped on drop.  Access through [`GuestMemory`].
+/// Guest pages mapped by frame number; unmapped on drop.  Access through [`GuestMemory`](crate::GuestMemory).
 pub struct ForeignMapping {
     region: Region,
     pages: usize,
@@ -500,7 +500,7 @@ impl Drop for ForeignMapping {
     }
 }
 
-/// A mapped guest resource; released on drop.  Access through [`GuestMemory`].
+/// A mapped guest resource; released on drop.  Access through [`GuestMemory`](crate::GuestMemory).
 pub struct ResourceMapping {
     region: Region,
     domid: u32,

@@ -259,7 +259,7 @@ fn check_count(op: &'static str, n: usize) -> Result<u32, GnttabError> {
     })
 }
 
-/// Pages mapped from grant references; unmapped on drop.  Access through [`GuestMemory`]
+/// Pages mapped from grant references; unmapped on drop.  Access through [`GuestMemory`](crate::GuestMemory)
 /// (`use libxc_ffi::GuestMemory;`).
 pub struct GrantMapping {
     // Only a pointer and a length: Drop::drop unmaps and nothing uses it afterwards.
