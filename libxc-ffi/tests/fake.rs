@@ -33,11 +33,25 @@ fn headers_present() -> bool {
 fn fake_lib(src: &str, defines: &[&str]) -> PathBuf {
     static BUILT: OnceLock<Mutex<Vec<(String, PathBuf)>>> = OnceLock::new();
     static COPIES: AtomicUsize = AtomicUsize::new(0);
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("libxc-ffi-fakes");
-    std::fs::create_dir_all(&dir).unwrap();
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("libxc-ffi-fakes");
+    let dir = root.join(std::process::id().to_string());
     let key = format!("{src}{}", defines.join(""));
     let built = {
-        let mut cache = BUILT.get_or_init(|| Mutex::new(Vec::new())).lock().unwrap();
+        let mut cache = BUILT
+            .get_or_init(|| {
+                // One folder per test process; remove those of processes that are gone.
+                for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+                    let pid = e.file_name().to_string_lossy().into_owned();
+                    if !Path::new("/proc").join(&pid).exists() {
+                        let p = e.path();
+                        let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+                    }
+                }
+                std::fs::create_dir_all(&dir).unwrap();
+                Mutex::new(Vec::new())
+            })
+            .lock()
+            .unwrap();
         match cache.iter().find(|(k, _)| *k == key) {
             Some((_, p)) => p.clone(),
             None => {
@@ -57,7 +71,7 @@ fn fake_lib(src: &str, defines: &[&str]) -> PathBuf {
         }
     };
     let n = COPIES.fetch_add(1, Ordering::SeqCst);
-    let copy = dir.join(format!("{src}-{}-copy{n}.so", std::process::id()));
+    let copy = dir.join(format!("{src}-copy{n}.so"));
     std::fs::copy(&built, &copy).unwrap();
     copy
 }
