@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # scripts/lab demo: an honest tour of what the lab and the project can do today.
 # Sourced by scripts/lab after prepare, with a run folder and cleanup trap in place.
 narrate() { printf '\n\033[1m== %s\033[0m\n' "$*"; }

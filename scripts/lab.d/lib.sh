@@ -57,8 +57,8 @@ lab_host_alive() {
 
 lab_port_free() { [ -z "$(ss -Htan "( sport = :$1 )" 2>/dev/null)" ]; }
 lab_pick_port() {
-  local p i
-  for i in $(seq 1 200); do
+  local p
+  for _ in $(seq 1 200); do
     p=$((20000 + RANDOM % 40000))
     lab_port_free "$p" && { echo "$p"; return 0; }
   done
@@ -88,7 +88,8 @@ lab_start_qemu() { # HOST  (ports in LAB_PORT[k])
       -device "virtio-net-pci,netdev=n1,mac=52:54:00:77:$(printf %02x "$k"):01")
   fi
   local xen_cmdline="console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=1 noreboot"
-  local dom0_cmdline="console=hvc0 earlyprintk=xen loglevel=4 lab.host=$k lab.ip=$(lab_host_ip "$h")/24"
+  local dom0_cmdline
+  dom0_cmdline="console=hvc0 earlyprintk=xen loglevel=4 lab.host=$k lab.ip=$(lab_host_ip "$h")/24"
   echo "$(date -u +%T) starting $h" >>"$d/qemu.log"
   setsid qemu-system-x86_64 -accel tcg -machine pc -cpu qemu64,+svm,+npt -m "$LAB_MEM_HOST" -smp 1 \
     -nodefaults -no-user-config -display none -vga none \
@@ -147,7 +148,8 @@ lab_boot_hosts() {
   for k in $(seq 1 "$n"); do
     h=host$k
     if lab_host_alive "$h" && [ -e "$(lab_host_dir "$h")/share/ready" ]; then
-      lab_run "$h" 'for d in $(xl list | awk "NR>2 {print \$1}"); do xl destroy "$d"; done' 60 >/dev/null 2>&1 ||
+      # shellcheck disable=SC2016 # expanded in dom0
+      lab_run "$h" 'for d in $(xl list | awk "NR>2 {print \$1}"); do xl destroy "$d"; done; ip neigh flush all' 60 >/dev/null 2>&1 ||
         lab_say "$h: could not destroy old guests"
       continue
     fi
@@ -159,8 +161,8 @@ lab_boot_hosts() {
   for h in "${need[@]}"; do
     [ "$h" = host1 ] || continue
     lab_start_qemu host1
-    local i
-    for i in $(seq 1 100); do
+    local _
+    for _ in $(seq 1 100); do
       local ok=1
       for k in $(seq 2 "$n"); do lab_port_free "${LAB_PORT[$k]}" && ok=0; done
       [ $ok = 1 ] && break
@@ -315,11 +317,20 @@ lab_create_guest() {
       echo 'vnc = 0'
       echo 'nographic = 1'
     fi
-    [ "$disk" != 0 ] && echo "disk = [ 'format=raw, vdev=xvda, access=rw, backendtype=qdisk, target=/var/lib/lab/$name.img' ]"
-    [ "$net" = 1 ] && echo "vif = [ 'bridge=xenbr0, mac=00:16:3e:77:$(printf %02x "$(lab_host_index "$h")"):$(printf %02x $((RANDOM % 256)))' ]"
+    [ "$disk" = 0 ] || echo "disk = [ 'format=raw, vdev=xvda, access=rw, backendtype=qdisk, target=/var/lib/lab/$name.img' ]"
+    # MAC derived from the guest's name: a guest re-created under the same name (and address)
+    # keeps its MAC, so neighbours' ARP caches stay right
+    local c
+    c=$(printf '%s' "$name" | cksum | cut -d' ' -f1)
+    [ "$net" != 1 ] || echo "vif = [ 'bridge=xenbr0, mac=00:16:3e:$(printf '%02x:%02x:%02x' $((c >> 16 & 127)) $((c >> 8 & 255)) $((c & 255)))' ]"
   } >"$cfg"
   local pre=""
   [ "$disk" != 0 ] && pre="mkdir -p /var/lib/lab && rm -f /var/lib/lab/$name.img && truncate -s ${disk}M /var/lib/lab/$name.img && "
+  # a guest of the same name earlier in this run (hosts are reused across scenarios): keep its
+  # console log under another name so that lab_wait_console only sees the new guest's lines
+  local clog
+  clog=$(lab_guest_console_file "$h" "$name")
+  [ -e "$clog" ] && mv "$clog" "${clog%.log}.$(date +%H%M%S).log"
   t0=$(lab_now)
   lab_run "$h" "${pre}xl create /share/guests/$name.cfg" 300 || { lab_say "xl create $name ($type) on $h failed"; return 1; }
   LAB_CREATE_SECONDS=$(lab_since "$t0")
@@ -344,6 +355,7 @@ lab_wait_console() {
     lab_host_alive "$h" || { lab_say "$h died while waiting for $name's console"; return 125; }
     sleep 0.5
   done
+  # shellcheck disable=SC2034 # for scenarios
   LAB_WAIT_SECONDS=$(lab_since "$t0")
 }
 
@@ -352,11 +364,21 @@ lab_guest_state() {
   lab_run "$1" "xl list '$2' | awk 'NR==2 {print \$5}'" 30
 }
 
+# lab_guest_live HOST NAME: succeed if the guest exists and is running, blocked or runnable
+# ("------": waiting for the one CPU), i.e. not paused, shut down, crashed or dying.
+lab_guest_live() {
+  local st
+  st=$(lab_guest_state "$1" "$2") || return 1
+  case "$st" in
+    ??????) case "$st" in *p* | *s* | *c* | *d*) lab_say "$1/$2 is in state $st"; return 1 ;; esac ;;
+    *) lab_say "$1/$2: no such guest (xl list: '$st')"; return 1 ;;
+  esac
+}
+
 # ---- scenarios ----
 
 # lab_step 'what': name the step a scenario is in (shown when the scenario fails).
 lab_step() {
-  LAB_STEP=$*
   echo "$*" >"$LAB_RUN/.step"
   lab_say "-- $*"
 }

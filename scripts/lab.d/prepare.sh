@@ -69,10 +69,10 @@ lab_deb_list() {
 
 lab_prepare_debs() { # sets LAB_DEBSET (hash of exact file names)
   mkdir -p "$LAB_CACHE/debs"
-  local list names=() missing=() url f
+  local list names=() missing=() f
   list=$(lab_deb_list)
   [ -n "$list" ] || lab_die "apt-get download --print-uris returned nothing"
-  while read -r url f; do
+  while read -r _ f; do
     names+=("$f")
     [ -s "$LAB_CACHE/debs/$f" ] || missing+=("$f")
   done <<<"$list"
