@@ -128,14 +128,24 @@ lab_wait_ready() { # HOST [TIMEOUT]
 }
 
 # lab_boot_hosts N: boot host1..hostN (or reuse the ones already running in this run; guests on
-# reused hosts are destroyed). Sets LAB_BOOT_SECONDS (0 when all were reused).
+# reused hosts are destroyed; if the run has more than N hosts, all of them stay up).
+# Sets LAB_BOOT_SECONDS (0 when all were reused).
 lab_boot_hosts() {
   local n=${1:-2} k h t0 need=()
   [ -n "${LAB_RUN:-}" ] || lab_die "lab_boot_hosts: no run folder (call via scripts/lab)"
   t0=$(lab_now)
-  if [ -s "$LAB_RUN/.nhosts" ] && [ "$(cat "$LAB_RUN/.nhosts")" != "$n" ]; then
-    lab_say "host count changes from $(cat "$LAB_RUN/.nhosts") to $n: stopping all hosts"
-    lab_stop_all
+  # host1's NICs are made for the run's host count: asking for fewer hosts reuses the first n,
+  # asking for more restarts everything with a bigger network
+  if [ -s "$LAB_RUN/.nhosts" ]; then
+    local have
+    have=$(cat "$LAB_RUN/.nhosts")
+    if [ "$have" -lt "$n" ]; then
+      lab_say "host count grows from $have to $n: stopping all hosts"
+      lab_stop_all
+      rm -f "$LAB_RUN/.ports"
+    else
+      n=$have
+    fi
   fi
   LAB_NHOSTS=$n
   echo "$n" >"$LAB_RUN/.nhosts"
