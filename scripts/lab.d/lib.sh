@@ -33,7 +33,7 @@ lab_new_run() { # creates $LAB_RUN
   # what every dom0 sees at /lab: the project's binaries and the guest images
   local f
   for f in "$LAB_REPO/target/release/kemari" "$LAB_REPO/target/release/kemarid" \
-      "$LAB_CACHE/current/vmlinuz" "$LAB_CACHE/current/guest.cpio"; do
+      "$LAB_IMAGES/vmlinuz" "$LAB_IMAGES/guest.cpio"; do
     [ -e "$f" ] || lab_die "missing $f (run scripts/lab prepare)"
     cp -L "$f" "$LAB_RUN/ro/"
   done
@@ -73,7 +73,7 @@ lab_start_qemu() { # HOST  (ports in LAB_PORT[k])
   local h=$1 k d img args=() nic=0
   k=$(lab_host_index "$h")
   d=$(lab_host_dir "$h")
-  img="$LAB_CACHE/current"
+  img="$LAB_IMAGES"
   mkdir -p "$d/share/cmd" "$d/share/run" "$d/share/out" "$d/share/in" "$d/share/guests" "$d/share/xenlog/console"
   rm -f "$d/share/ready" "$d/serial.sock" "$d/monitor.sock"
   if [ "$k" = 1 ]; then

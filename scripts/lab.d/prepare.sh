@@ -6,7 +6,7 @@
 #   $LAB_CACHE/debs/*.deb                 downloaded packages (kept across versions)
 #   $LAB_CACHE/root-<debset>/             all debs unpacked (keyed on the exact .deb file names)
 #   $LAB_CACHE/images-<key>/              xen.elf vmlinuz dom0.cpio guest.cpio KEY (key = debset + lab scripts)
-#   $LAB_CACHE/current -> images-<key>    what `boot` uses
+#   $LAB_CACHE/current -> images-<key>    the last prepared (a run uses $LAB_IMAGES, set by prepare)
 
 # Debian packages the lab needs (dom0 + guests). Library dependencies are added by closure below.
 LAB_DEB_ROOTS=(xen-hypervisor-4.17-amd64 xen-utils-4.17 xen-utils-common xenstore-utils
@@ -313,9 +313,11 @@ lab_prepare_images() { # sets LAB_IMAGES
     echo "$key" >"$LAB_IMAGES/KEY"
     touch "$LAB_IMAGES/.done"
   fi
+  touch "$LAB_IMAGES"
   ln -sfn "images-$key" "$LAB_CACHE/current"
+  # keep the 3 most recently used image sets (checkouts sharing a cache may use different ones)
   local d
-  for d in "$LAB_CACHE"/images-*; do
+  for d in $(ls -dt "$LAB_CACHE"/images-* | tail -n +4); do
     [ "$d" = "$LAB_IMAGES" ] || rm -rf "$d"
   done
 }
