@@ -385,6 +385,26 @@ lab_guest_live() {
   esac
 }
 
+# lab_check_disk HOST NAME: check the disk writer's records on guest NAME's disk image (created
+# with disk=MiB): every record's checksum is right, none is missing, and every write the guest
+# reported done on its console ("kemari-disk wrote N", read first) is on the disk.
+# Prints the check's line; sets LAB_DISK_LAST (highest record on disk).
+lab_check_disk() {
+  local h=$1 name=$2 done_n line
+  done_n=$(grep -o 'kemari-disk wrote [0-9]*' "$(lab_guest_console_file "$h" "$name")" 2>/dev/null |
+    tail -1 | awk '{print $3}')
+  line=$(lab_run "$h" "lab-diskcheck /var/lib/lab/$name.img" 120) || {
+    lab_say "$h/$name: disk records damaged: $line"
+    return 1
+  }
+  echo "$name: $line; console reported ${done_n:-no} completed writes"
+  LAB_DISK_LAST=$(echo "$line" | sed -n 's/.*last=\(-*[0-9]*\).*/\1/p')
+  if [ -n "$done_n" ] && [ "$LAB_DISK_LAST" -lt "$done_n" ]; then
+    lab_say "$h/$name: console reported write $done_n done, but the disk's last record is $LAB_DISK_LAST"
+    return 1
+  fi
+}
+
 # ---- scenarios ----
 
 # lab_step 'what': name the step a scenario is in (shown when the scenario fails).

@@ -274,6 +274,7 @@ lab_build_dom0() { # OUT_CPIO
   cp "$LAB_DIR/dom0/init" "$STAGE/init"
   cp "$LAB_DIR/dom0/agent" "$STAGE/usr/local/bin/lab-agent"
   cp "$LAB_DIR/dom0/poweroff" "$STAGE/usr/local/bin/lab-poweroff"
+  cp "$LAB_DIR/dom0/diskcheck" "$STAGE/usr/local/bin/lab-diskcheck"
   chmod 755 "$STAGE/init" "$STAGE/usr/local/bin/"lab-*
   printf '/usr/lib/x86_64-linux-gnu\n/usr/lib/xen-4.17/lib\n' >"$STAGE/etc/ld.so.conf"
   ldconfig -r "$STAGE" 2>/dev/null || true

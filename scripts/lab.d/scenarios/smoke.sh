@@ -1,8 +1,8 @@
 # shellcheck shell=bash
 # Scenario smoke: two hosts boot and their dom0s ping each other; the project's binaries and the
 # Xen libraries they load are in dom0; a PVH guest (disk + NIC on xenbr0) and an HVM guest run on
-# host1: heartbeat on their consoles, PV block/net frontends loaded, disk records written, and the
-# PVH guest's TCP service answers host2's dom0 across the virtual network.
+# host1: heartbeat on their consoles, PV block/net frontends loaded, disk records written and
+# found intact in dom0, and the PVH guest's TCP service answers host2's dom0 across the network.
 # Sourced by scripts/lab (lab_run_scenario) in a subshell with errexit: any failing command fails
 # the scenario; lab_step names the step that is reported.
 
@@ -32,7 +32,7 @@ lab_create_guest host1 pvh smoke-pvh disk=16 net=1 ip=10.77.0.101/24
 lab_figure pvh_create_s "$LAB_CREATE_SECONDS"
 
 lab_step "create HVM guest"
-lab_create_guest host1 hvm smoke-hvm
+lab_create_guest host1 hvm smoke-hvm disk=16
 lab_figure hvm_create_s "$LAB_CREATE_SECONDS"
 
 lab_step "PVH guest heartbeat"
@@ -44,6 +44,7 @@ lab_wait_console host1 smoke-pvh 'kemari-guest modules: .*xen_blkfront.*xen_netf
 
 lab_step "PVH guest disk writes"
 lab_wait_console host1 smoke-pvh 'kemari-disk wrote 2' 60
+lab_check_disk host1 smoke-pvh
 
 lab_step "PVH guest TCP service answers host2"
 out=
@@ -58,6 +59,10 @@ lab_step "HVM guest heartbeat"
 lab_wait_console host1 smoke-hvm 'kemari-guest alive 1' 240
 lab_figure hvm_alive_s "$LAB_WAIT_SECONDS"
 lab_wait_console host1 smoke-hvm 'kemari-guest modules: .*xen_blkfront.*xen_netfront' 10
+
+lab_step "HVM guest disk writes"
+lab_wait_console host1 smoke-hvm 'kemari-disk wrote 2' 60
+lab_check_disk host1 smoke-hvm
 
 lab_step "xl list shows both guests"
 lab_run host1 'xl list'
