@@ -45,12 +45,22 @@ lab_host_index() { # host1 -> 1
 }
 lab_host_ip() { echo "$LAB_NET_PREFIX.$(lab_host_index "$1")"; }
 
+# lab_pid_running PID: the process exists and is not a zombie
+lab_pid_running() {
+  [ -e "/proc/$1/status" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null
+}
+# lab_pid_wait_gone PID: wait (up to 10 s) until PID has ended
+lab_pid_wait_gone() {
+  local i=0
+  while lab_pid_running "$1" && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
+}
+
 lab_host_alive() {
   local d pid
   d=$(lab_host_dir "$1")
   [ -s "$d/qemu.pid" ] || return 1
   pid=$(cat "$d/qemu.pid")
-  kill -0 "$pid" 2>/dev/null
+  lab_pid_running "$pid"
 }
 
 # ---- ports ----
@@ -106,7 +116,6 @@ lab_start_qemu() { # HOST  (ports in LAB_PORT[k])
     </dev/null >>"$d/qemu.log" 2>&1 &
   echo $! >"$d/qemu.pid"
   echo "$!" >>"$LAB_RUN/.pids"
-  disown $! 2>/dev/null || true
 }
 
 lab_wait_ready() { # HOST [TIMEOUT]
@@ -196,8 +205,9 @@ lab_kill() {
   d=$(lab_host_dir "$1")
   [ -s "$d/qemu.pid" ] || { lab_say "lab_kill $1: not running"; return 0; }
   pid=$(cat "$d/qemu.pid")
-  kill -KILL "$pid" 2>/dev/null
-  while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true # reap it (if ours) without bash's "Killed" notice
+  lab_pid_wait_gone "$pid"
   rm -f "$d/qemu.pid" "$d/share/ready"
   echo "$(date -u +%T) killed (SIGKILL)" >>"$d/qemu.log"
   lab_say "$1 killed (SIGKILL of QEMU $pid)"
@@ -219,7 +229,9 @@ lab_stop_all() {
   for d in "$LAB_RUN"/host*; do
     [ -s "$d/qemu.pid" ] || continue
     pid=$(cat "$d/qemu.pid")
-    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    lab_pid_wait_gone "$pid"
     rm -f "$d/qemu.pid" "$d/share/ready"
   done
   rm -f "$LAB_RUN/.nhosts"
@@ -228,14 +240,22 @@ lab_stop_all() {
 # Kill every QEMU this run started (pids recorded in $LAB_RUN/.pids; each QEMU leads its own
 # session/process group, so the group is killed too). Called from the EXIT/INT/TERM trap.
 lab_cleanup() {
-  [ -n "${LAB_RUN:-}" ] && [ -e "$LAB_RUN/.pids" ] || return 0
+  set +e # runs from the EXIT trap: a failing kill must not end it early
   local pid
+  [ -n "${LAB_RUN:-}" ] || return 0
+  # a scenario still running (its subshells, recorded by lab_run_scenario)
+  if [ -e "$LAB_RUN/.scenario_pids" ]; then
+    while read -r pid; do kill -TERM "$pid" 2>/dev/null; done <"$LAB_RUN/.scenario_pids"
+    rm -f "$LAB_RUN/.scenario_pids"
+  fi
+  [ -e "$LAB_RUN/.pids" ] || return 0
   while read -r pid; do
     kill -KILL -- "-$pid" 2>/dev/null
     kill -KILL "$pid" 2>/dev/null
   done <"$LAB_RUN/.pids"
   while read -r pid; do
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+    wait "$pid" 2>/dev/null
+    lab_pid_wait_gone "$pid"
   done <"$LAB_RUN/.pids"
   rm -f "$LAB_RUN"/host*/qemu.pid "$LAB_RUN"/host*/share/ready "$LAB_RUN"/host*/*.sock "$LAB_RUN/.pids"
   rm -rf "$LAB_RUN/ro"
@@ -423,13 +443,22 @@ lab_run_scenario() {
   [ -f "$file" ] || { echo "scenario $name: FAIL no such scenario ($file)"; return 1; }
   rm -f "$LAB_RUN/.step" "$LAB_RUN/.figures" "$LAB_RUN/.why"
   t0=$(lab_now)
-  (
-    set -eE -o pipefail
-    trap 'lab_say "command failed (status $?) at ${BASH_SOURCE[0]##*/}:$LINENO: $BASH_COMMAND"' ERR
-    # shellcheck disable=SC1090
-    source "$file"
-  ) 2>&1 | tee "$LAB_RUN/scenario-$name.log" >&2
-  rc=${PIPESTATUS[0]}
+  rm -f "$LAB_RUN/.rc" "$LAB_RUN/.scenario_pids"
+  # In the background + `wait`: a signal sent to scripts/lab alone (kill -INT/-TERM PID, not only
+  # Ctrl-C to the whole terminal group) then runs its trap at once instead of after the scenario.
+  {
+    echo "$BASHPID" >>"$LAB_RUN/.scenario_pids"
+    (
+      echo "$BASHPID" >>"$LAB_RUN/.scenario_pids"
+      set -eE -o pipefail
+      trap 'lab_say "command failed (status $?) at ${BASH_SOURCE[0]##*/}:$LINENO: $BASH_COMMAND"' ERR
+      # shellcheck disable=SC1090
+      source "$file"
+    )
+    echo $? >"$LAB_RUN/.rc"
+  } 2>&1 | tee "$LAB_RUN/scenario-$name.log" >&2 &
+  wait $!
+  rc=$(cat "$LAB_RUN/.rc" 2>/dev/null || echo 1)
   local figs step why
   figs=$(tr '\n' ' ' <"$LAB_RUN/.figures" 2>/dev/null)
   figs="${figs}total_s=$(lab_since "$t0")"
