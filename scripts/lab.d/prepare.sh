@@ -85,8 +85,14 @@ lab_prepare_debs() { # sets LAB_DEBSET (hash of exact file names)
       v=${v%_*}; v=${v//%3a/:}
       pkgs+=("$n=$v")
     done
-    (cd "$LAB_CACHE/debs" && apt-get download -q "${pkgs[@]}" >"$LAB_CACHE/download.log" 2>&1) ||
-      lab_die "apt-get download failed (see $LAB_CACHE/download.log)"
+    if ! (cd "$LAB_CACHE/debs" && apt-get download -q "${pkgs[@]}" >"$LAB_CACHE/download.log" 2>&1); then
+      # stale apt lists name versions the mirror no longer has: refresh them and resolve again
+      [ -z "${LAB_DEBS_RETRY:-}" ] || lab_die "apt-get download failed (see $LAB_CACHE/download.log)"
+      lab_say "apt-get download failed; running apt-get update and trying once more"
+      lab_need_root apt-get update -q >/dev/null || lab_die "apt-get update failed"
+      LAB_DEBS_RETRY=1 lab_prepare_debs
+      return
+    fi
     for f in "${missing[@]}"; do
       [ -s "$LAB_CACHE/debs/$f" ] || lab_die "apt-get download did not produce $f"
     done
