@@ -27,6 +27,7 @@ show host2 'echo hello | nc -w 10 10.77.0.101 7000'
 
 narrate "The project's binaries, built from this checkout, run in dom0"
 show host1 'kemari --help'
+show host1 'kemari debug domains'
 
 narrate "Not shown yet: protection and failover (kemarid is still being written)"
 echo "Logs of this demo: $LAB_RUN"
