@@ -1,1 +1,7 @@
-//! kemarid library
+//! Kemari for Xen: the daemon's library.
+//!
+//! Everything here talks to Xen only through the [`hypervisor`] traits, so it is unit-tested
+//! against the in-memory implementation and proven against real Xen in the lab
+//! (`scripts/lab test ffi`).
+
+pub mod debug;

@@ -1,1 +1,300 @@
-fn main() {}
+//! `kemari`: the command-line tool of Kemari for Xen.
+//!
+//! Today it has only the `debug` commands, which talk to Xen directly (no daemon needed) and prove
+//! the FFI on a real dom0. Protection (`start`, `stop`, `status`, `failover`, ...) arrives with the
+//! sync engine and the control API.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hypervisor::{Hypervisor, Tx};
+use kemarid::debug::{self, SelftestOptions};
+
+/// Kemari for Xen: fault tolerance for Xen 4.17 HVM and PVH guests.
+///
+/// Status: only the `debug` commands exist so far. Guest protection (start/stop/status/failover)
+/// is not implemented yet.
+#[derive(Parser, Debug)]
+#[command(name = "kemari", version, about, long_about)]
+struct Cli {
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Low-level operations on this host's Xen, run in dom0 as root. They talk to Xen directly
+    /// through libxenctrl & co (Xen 4.17 only) and need no daemon.
+    #[command(subcommand)]
+    Debug(DebugCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum DebugCommand {
+    /// List the domains of this host (id, type, state, pages, vCPUs).
+    Domains,
+    /// Pause a domain (Xen's pause count goes up by one).
+    Pause {
+        /// Domain id or name.
+        domain: String,
+    },
+    /// Unpause a domain.
+    Unpause {
+        /// Domain id or name.
+        domain: String,
+    },
+    /// Enable log-dirty mode, report the pages the guest dirties per interval, disable it again.
+    LogDirty {
+        /// Domain id or name (HVM or PVH: classic PV guests have no log-dirty on this Xen).
+        domain: String,
+        /// Number of rounds after the initial harvest.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Milliseconds between harvests.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+    },
+    /// Copy one guest page out (foreign mapping) and print its fingerprint or a hex dump.
+    ReadPage {
+        /// Domain id or name.
+        domain: String,
+        /// Guest page frame number (decimal or 0x-prefixed hex).
+        pfn: String,
+        /// Print a hex dump of the first 256 bytes.
+        #[arg(long)]
+        hexdump: bool,
+    },
+    /// Read a xenstore node.
+    XsRead {
+        /// Absolute xenstore path.
+        path: String,
+    },
+    /// Watch a xenstore path and print events until the timeout passes.
+    XsWatch {
+        /// Absolute xenstore path (events for descendants are reported too).
+        path: String,
+        /// Seconds to watch.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Exercise every Xen path the daemon depends on against a running HVM or PVH guest: list,
+    /// pause/unpause, HVM context, log-dirty, page mapping, xenstore watch. Exit status 0 only if
+    /// all steps pass.
+    Selftest {
+        /// Domain id or name of a running guest that writes memory.
+        domain: String,
+        /// Log-dirty rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Milliseconds between log-dirty harvests.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+    },
+}
+
+fn parse_pfn(s: &str) -> anyhow::Result<u64> {
+    let r = match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.with_context(|| format!("pfn {s:?} is not a number (decimal or 0x-prefixed hex)"))
+}
+
+fn open_host() -> anyhow::Result<Box<dyn Hypervisor>> {
+    let host = hypervisor::xen::XenHost::open()
+        .context("cannot open this host's Xen (kemari debug runs in a Xen 4.17 dom0, as root)")?;
+    Ok(Box::new(host))
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn run_debug(cmd: DebugCommand, json: bool) -> anyhow::Result<ExitCode> {
+    let hv = open_host()?;
+    let hv = hv.as_ref();
+    let mut out = std::io::stdout().lock();
+    match cmd {
+        DebugCommand::Domains => {
+            let rows = debug::domains(hv)?;
+            if json {
+                print_json(&rows)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:>5}  {:<4}  {:<16}  {:>10}  {:>5}",
+                    "ID", "TYPE", "STATE", "PAGES", "VCPUS"
+                )?;
+                for r in rows {
+                    writeln!(
+                        out,
+                        "{:>5}  {:<4}  {:<16}  {:>10}  {:>5}",
+                        r.domid, r.guest_type, r.state, r.tot_pages, r.vcpus
+                    )?;
+                }
+            }
+        }
+        DebugCommand::Pause { domain } => {
+            let id = debug::resolve_domain(hv, &domain)?;
+            hv.pause(id)
+                .with_context(|| format!("pausing domain {domain}"))?;
+            if json {
+                print_json(&serde_json::json!({"domid": id, "paused": true}))?;
+            } else {
+                writeln!(out, "domain {id} paused")?;
+            }
+        }
+        DebugCommand::Unpause { domain } => {
+            let id = debug::resolve_domain(hv, &domain)?;
+            hv.unpause(id)
+                .with_context(|| format!("unpausing domain {domain}"))?;
+            if json {
+                print_json(&serde_json::json!({"domid": id, "paused": false}))?;
+            } else {
+                writeln!(out, "domain {id} unpaused")?;
+            }
+        }
+        DebugCommand::LogDirty {
+            domain,
+            rounds,
+            interval_ms,
+        } => {
+            let id = debug::resolve_domain(hv, &domain)?;
+            let r = debug::log_dirty_rounds(hv, id, rounds, Duration::from_millis(interval_ms))?;
+            if json {
+                print_json(&r)?;
+            } else {
+                for (i, round) in r.iter().enumerate() {
+                    writeln!(
+                        out,
+                        "round {}: {} dirty pages in {} ms",
+                        i + 1,
+                        round.dirty_pages,
+                        round.interval_ms
+                    )?;
+                }
+            }
+        }
+        DebugCommand::ReadPage {
+            domain,
+            pfn,
+            hexdump,
+        } => {
+            let id = debug::resolve_domain(hv, &domain)?;
+            let pfn = parse_pfn(&pfn)?;
+            let page = debug::read_page(hv, id, pfn)?;
+            let fp = debug::fnv1a64(&page[..]);
+            if json {
+                print_json(
+                    &serde_json::json!({"domid": id, "pfn": pfn, "fnv1a64": format!("{fp:016x}")}),
+                )?;
+            } else {
+                writeln!(out, "domain {id} pfn {pfn:#x}: fnv1a64 {fp:016x}")?;
+                if hexdump {
+                    for (i, chunk) in page[..256].chunks(16).enumerate() {
+                        let hex: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
+                        writeln!(out, "{:04x}: {}", i * 16, hex.join(" "))?;
+                    }
+                }
+            }
+        }
+        DebugCommand::XsRead { path } => {
+            let xs = hv.open_xenstore()?;
+            let v = xs.read(Tx::NONE, &path)?;
+            let s = String::from_utf8_lossy(&v);
+            if json {
+                print_json(&serde_json::json!({"path": path, "value": s}))?;
+            } else {
+                writeln!(out, "{s}")?;
+            }
+        }
+        DebugCommand::XsWatch { path, timeout } => {
+            let xs = hv.open_xenstore()?;
+            let token = format!("kemari-{}", std::process::id());
+            xs.watch(&path, &token)?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(timeout);
+            loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                if let Some(ev) = xs.read_watch(Some(left))? {
+                    if json {
+                        print_json(&serde_json::json!({"path": ev.path, "token": ev.token}))?;
+                    } else {
+                        writeln!(out, "{}", ev.path)?;
+                    }
+                }
+            }
+            xs.unwatch(&path, &token)?;
+        }
+        DebugCommand::Selftest {
+            domain,
+            rounds,
+            interval_ms,
+        } => {
+            let id = debug::resolve_domain(hv, &domain)?;
+            let opts = SelftestOptions {
+                dirty_interval: Duration::from_millis(interval_ms),
+                dirty_rounds: rounds,
+                ..SelftestOptions::default()
+            };
+            let report = debug::selftest(hv, id, &opts);
+            if json {
+                print_json(&report)?;
+            } else {
+                for s in &report.steps {
+                    writeln!(
+                        out,
+                        "{:<16} {:<4} {:>6} ms  {}",
+                        s.step,
+                        if s.ok { "ok" } else { "FAIL" },
+                        s.millis,
+                        s.detail
+                    )?;
+                }
+                writeln!(
+                    out,
+                    "selftest of domain {id}: {}",
+                    if report.ok { "PASS" } else { "FAIL" }
+                )?;
+            }
+            if !report.ok {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Debug(cmd) => run_debug(cmd, cli.json),
+    };
+    match r {
+        Ok(code) => code,
+        // `kemari debug domains | head`: the reader went away; that is not our failure.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("kemari: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
