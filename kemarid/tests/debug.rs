@@ -1,0 +1,258 @@
+//! `kemari debug` logic against the in-memory Xen: the self-test passes on a live guest, fails at
+//! the right step when a call fails, and cleans up after itself either way.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use hypervisor::mem::{DomainConfig, FaultPlan, MemXen, Trigger};
+use hypervisor::{DomId, DomainControl, Errno, Hypervisor, Method, Tx};
+use kemarid::debug::{self, DebugError, SelftestOptions};
+
+fn quick() -> SelftestOptions {
+    SelftestOptions {
+        dirty_interval: Duration::from_millis(20),
+        dirty_rounds: 2,
+        watch_timeout: Duration::from_secs(2),
+    }
+}
+
+/// A guest that keeps writing pages 1..8 while it runs (writes fail while it is paused).
+struct Writer {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(host: &MemXen, domid: DomId) -> Writer {
+        let guest = host.guest(domid);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut n: u64 = 0;
+            while !flag.load(Ordering::Relaxed) {
+                let pfn = 1 + n % 8;
+                let _ = guest.write(pfn, 0, &n.to_le_bytes());
+                n += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        Writer {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            h.join().unwrap();
+        }
+    }
+}
+
+fn host_with_guest(faults: FaultPlan, cfg: DomainConfig) -> (MemXen, DomId) {
+    let host = MemXen::with_faults(faults);
+    let domid = host.create_domain(cfg).unwrap();
+    (host, domid)
+}
+
+#[test]
+fn domains_lists_dom0_and_guests_with_types() {
+    let host = MemXen::new();
+    let a = host
+        .create_domain(DomainConfig::hvm(16).with_vcpus(2))
+        .unwrap();
+    let b = host.create_domain(DomainConfig::pvh(16)).unwrap();
+    host.pause(b).unwrap();
+    let rows = debug::domains(&host).unwrap();
+    let ids: Vec<DomId> = rows.iter().map(|r| r.domid).collect();
+    assert_eq!(ids, vec![0, a, b]);
+    assert_eq!(rows[1].guest_type, "hvm");
+    assert_eq!(rows[1].vcpus, 2);
+    assert_eq!(rows[2].guest_type, "pvh");
+    assert_eq!(rows[2].state, "paused");
+    assert_eq!(rows[1].tot_pages, 16);
+}
+
+#[test]
+fn domains_reports_the_failed_call() {
+    let faults = FaultPlan::new();
+    faults.fail_always_with(Method::ListDomains, Errno::EPERM);
+    let host = MemXen::with_faults(faults);
+    let err = debug::domains(&host).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DebugError::Xen {
+                step: "list domains",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn selftest_passes_on_a_live_writing_guest_and_leaves_it_clean() {
+    let (host, domid) = host_with_guest(
+        FaultPlan::new(),
+        DomainConfig::pvh(64).with_name("selftest"),
+    );
+    let _w = Writer::start(&host, domid);
+    let report = debug::selftest(&host, domid, &quick());
+    let names: Vec<&str> = report.steps.iter().map(|s| s.step).collect();
+    assert!(report.ok, "{:#?}", report.steps);
+    assert_eq!(
+        names,
+        [
+            "list-domains",
+            "pause-unpause",
+            "hvm-context",
+            "log-dirty",
+            "map-page",
+            "xenstore-watch"
+        ]
+    );
+    assert_eq!(host.pause_count(domid), Some(0));
+    assert_eq!(host.log_dirty_enabled(domid), Some(false));
+    // No node left behind.
+    let xs = host.open_xenstore().unwrap();
+    let dompath = xs.get_domain_path(domid).unwrap();
+    assert!(xs
+        .read(Tx::NONE, &format!("{dompath}/data/kemari-selftest"))
+        .is_err());
+}
+
+#[test]
+fn selftest_fails_when_the_guest_writes_nothing() {
+    let (host, domid) = host_with_guest(FaultPlan::new(), DomainConfig::hvm(32));
+    let report = debug::selftest(&host, domid, &quick());
+    assert!(!report.ok);
+    let last = report.steps.last().unwrap();
+    assert_eq!(last.step, "log-dirty");
+    assert!(last.detail.contains("no dirty pages"), "{}", last.detail);
+    assert_eq!(host.log_dirty_enabled(domid), Some(false));
+}
+
+#[test]
+fn selftest_refuses_a_paused_guest() {
+    let (host, domid) = host_with_guest(FaultPlan::new(), DomainConfig::hvm(32));
+    host.pause(domid).unwrap();
+    let report = debug::selftest(&host, domid, &quick());
+    assert!(!report.ok);
+    assert_eq!(report.steps.last().unwrap().step, "pause-unpause");
+    assert_eq!(
+        host.pause_count(domid),
+        Some(1),
+        "our pause count untouched"
+    );
+}
+
+/// Every Xen call the self-test makes, failed in turn: the test stops at that step, and the guest
+/// is left unpaused with log-dirty off.
+#[test]
+fn selftest_stops_at_the_failing_step_and_cleans_up() {
+    let cases: &[(Method, Trigger, &str)] = &[
+        (Method::ListDomains, Trigger::Always, "list-domains"),
+        (Method::Pause, Trigger::Nth(1), "pause-unpause"),
+        (Method::Unpause, Trigger::Nth(1), "pause-unpause"),
+        (Method::HvmContext, Trigger::Always, "hvm-context"),
+        (Method::LogDirtyEnable, Trigger::Always, "log-dirty"),
+        (Method::LogDirtyClean, Trigger::Nth(2), "log-dirty"),
+        (Method::ReadPages, Trigger::Always, "map-page"),
+    ];
+    for (method, trigger, step) in cases {
+        let faults = FaultPlan::new();
+        let (host, domid) = host_with_guest(faults.clone(), DomainConfig::pvh(64));
+        let _w = Writer::start(&host, domid);
+        faults.fail(*method, *trigger, Errno::EIO);
+        let report = debug::selftest(&host, domid, &quick());
+        assert!(!report.ok, "{method:?} failure not reported");
+        let last = report.steps.last().unwrap();
+        assert_eq!(last.step, *step, "{method:?}: {:#?}", report.steps);
+        assert!(!last.ok);
+        assert!(
+            last.detail.contains(method.name())
+                || last.detail.contains("EIO")
+                || last.detail.contains("Input/output"),
+            "{method:?}: detail {:?} does not name the failure",
+            last.detail
+        );
+        faults.clear_all();
+        // An unpause that failed leaves one pause behind: that is the one case the test cannot undo.
+        let want = if *method == Method::Unpause { 1 } else { 0 };
+        assert_eq!(host.pause_count(domid), Some(want), "{method:?}");
+        assert_eq!(host.log_dirty_enabled(domid), Some(false), "{method:?}");
+    }
+}
+
+#[test]
+fn log_dirty_rounds_count_written_pages_and_disable_on_failure() {
+    let faults = FaultPlan::new();
+    let (host, domid) = host_with_guest(faults.clone(), DomainConfig::hvm(64));
+    let guest = host.guest(domid);
+    // Nothing written: every round reports zero pages after the initial harvest.
+    let r = debug::log_dirty_rounds(&host, domid, 2, Duration::from_millis(1)).unwrap();
+    assert_eq!(r.iter().map(|r| r.dirty_pages).collect::<Vec<_>>(), [0, 0]);
+    // Writes between harvests are counted, each page once.
+    let w = Writer::start(&host, domid);
+    let r = debug::log_dirty_rounds(&host, domid, 2, Duration::from_millis(50)).unwrap();
+    drop(w);
+    assert!(
+        r.iter().all(|r| r.dirty_pages > 0 && r.dirty_pages <= 8),
+        "{r:?}"
+    );
+    guest.fill_page(40, 1).unwrap();
+    faults.fail(Method::LogDirtyClean, Trigger::Nth(2), Errno::EIO);
+    let err = debug::log_dirty_rounds(&host, domid, 3, Duration::from_millis(1)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DebugError::Xen {
+                step: "log-dirty clean",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(host.log_dirty_enabled(domid), Some(false));
+}
+
+#[test]
+fn read_page_returns_what_the_guest_wrote() {
+    let (host, domid) = host_with_guest(FaultPlan::new(), DomainConfig::hvm(16).with_holes(&[5]));
+    host.guest(domid).fill_page(3, 0xab).unwrap();
+    let page = debug::read_page(&host, domid, 3).unwrap();
+    assert!(page.iter().all(|b| *b == 0xab));
+    assert_eq!(debug::fnv1a64(&page[..]), debug::fnv1a64(&[0xab; 4096]));
+    assert_ne!(debug::fnv1a64(&page[..]), debug::fnv1a64(&[0; 4096]));
+    assert!(
+        debug::read_page(&host, domid, 5).is_err(),
+        "a hole is not readable"
+    );
+}
+
+#[test]
+fn resolve_domain_by_id_and_name() {
+    let host = MemXen::new();
+    let a = host
+        .create_domain(DomainConfig::hvm(8).with_name("web"))
+        .unwrap();
+    assert_eq!(debug::resolve_domain(&host, "web").unwrap(), a);
+    assert_eq!(debug::resolve_domain(&host, &a.to_string()).unwrap(), a);
+    assert_eq!(debug::resolve_domain(&host, "Domain-0").unwrap(), 0);
+    let err = debug::resolve_domain(&host, "db").unwrap_err().to_string();
+    assert!(err.contains("\"db\"") && err.contains("web"), "{err}");
+}
+
+#[test]
+fn fnv1a64_known_values() {
+    // Reference values of 64-bit FNV-1a.
+    assert_eq!(debug::fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+    assert_eq!(debug::fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+    assert_eq!(debug::fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+}
