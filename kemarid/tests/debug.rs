@@ -1,6 +1,8 @@
 //! `kemari debug` logic against the in-memory Xen: the self-test passes on a live guest, fails at
 //! the right step when a call fails, and cleans up after itself either way.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
