@@ -460,7 +460,8 @@ lab_run_scenario() {
   wait $!
   rc=$(cat "$LAB_RUN/.rc" 2>/dev/null || echo 1)
   local figs step why
-  figs=$(tr '\n' ' ' <"$LAB_RUN/.figures" 2>/dev/null)
+  figs=""
+  if [ -f "$LAB_RUN/.figures" ]; then figs=$(tr '\n' ' ' <"$LAB_RUN/.figures"); fi
   figs="${figs}total_s=$(lab_since "$t0")"
   if [ "$rc" = 0 ]; then
     echo "scenario $name: PASS $figs" | tee -a "$LAB_RUN/summary.txt"
