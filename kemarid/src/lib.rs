@@ -5,3 +5,4 @@
 //! (`scripts/lab test ffi`).
 
 pub mod debug;
+pub mod qmp;
