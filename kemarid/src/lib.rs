@@ -5,4 +5,5 @@
 //! (`scripts/lab test ffi`).
 
 pub mod debug;
+pub mod domconfig;
 pub mod qmp;
