@@ -7,3 +7,4 @@
 pub mod debug;
 pub mod domconfig;
 pub mod qmp;
+pub mod xltool;

@@ -541,6 +541,13 @@ impl QmpDeviceModel {
         Ok(data)
     }
 
+    /// `stop`, then [`save`](Self::save) in the same way as libxl's `libxl__qmp_suspend_save`
+    /// (the device model stays stopped; `cont` lets it run again).
+    pub fn stop_and_save(&self) -> Result<Vec<u8>, QmpError> {
+        self.connect()?.stop()?;
+        self.save()
+    }
+
     /// Loads `state` into the device model (`xen-load-devices-state`). The temporary file is
     /// removed on every path.
     pub fn load(&self, state: &[u8]) -> Result<(), QmpError> {
