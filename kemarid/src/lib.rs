@@ -8,3 +8,4 @@ pub mod debug;
 pub mod domconfig;
 pub mod qmp;
 pub mod xltool;
+pub mod sync;
