@@ -7,5 +7,6 @@
 pub mod debug;
 pub mod domconfig;
 pub mod qmp;
-pub mod xltool;
+pub mod streaminfo;
 pub mod sync;
+pub mod xltool;
