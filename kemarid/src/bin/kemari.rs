@@ -12,6 +12,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hypervisor::{Hypervisor, Tx};
 use kemarid::debug::{self, SelftestOptions};
+use kemarid::qmp::QmpDeviceModel;
+use kemarid::xltool::XlTool;
+use kemarid::{domconfig, xlsave};
 
 /// Kemari for Xen: fault tolerance for Xen 4.17 HVM and PVH guests.
 ///
@@ -40,13 +43,6 @@ enum Command {
 enum DebugCommand {
     /// List the domains of this host (id, type, state, pages, vCPUs).
     Domains,
-    /// Show what an `xl save` image file contains (xl header, domain type, records by type,
-    /// pages, pfn range, HVM context, params, emulator blobs). Needs no Xen; exit status 1 on
-    /// malformed input.
-    StreamInfo {
-        /// Image file (written by `xl save` or by Kemari).
-        file: std::path::PathBuf,
-    },
     /// Pause a domain (Xen's pause count goes up by one).
     Pause {
         /// Domain id or name.
@@ -104,6 +100,25 @@ enum DebugCommand {
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
     },
+    /// Write a complete image of an HVM or PVH domain in `xl save` format, restorable by stock
+    /// `xl restore`. With --destroy the guest is asked to suspend (like `xl save`), saved and
+    /// destroyed; without it the guest is only paused while saved and runs on (such an image
+    /// lacks the guest's PV state: see docs/stream.md).
+    Save {
+        /// Domain id or name.
+        domain: String,
+        /// Image file to write (created or truncated).
+        file: std::path::PathBuf,
+        /// Suspend the guest cooperatively and destroy it after the save (`xl save` without -c).
+        #[arg(long)]
+        destroy: bool,
+        /// Name the domain gets in the image's config (default: unchanged).
+        #[arg(long)]
+        rename: Option<String>,
+        /// Seconds the guest may take to suspend.
+        #[arg(long, default_value_t = 60)]
+        suspend_timeout: u64,
+    },
 }
 
 fn parse_pfn(s: &str) -> anyhow::Result<u64> {
@@ -127,27 +142,11 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn stream_info(file: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
-    let info = kemarid::streaminfo::stream_info(file)?;
-    if json {
-        print_json(&info)?;
-    } else {
-        std::io::stdout()
-            .lock()
-            .write_all(kemarid::streaminfo::render_text(&info).as_bytes())?;
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
 fn run_debug(cmd: DebugCommand, json: bool) -> anyhow::Result<ExitCode> {
-    if let DebugCommand::StreamInfo { file } = &cmd {
-        return stream_info(file, json);
-    }
     let hv = open_host()?;
     let hv = hv.as_ref();
     let mut out = std::io::stdout().lock();
     match cmd {
-        DebugCommand::StreamInfo { file } => return stream_info(&file, json),
         DebugCommand::Domains => {
             let rows = debug::domains(hv)?;
             if json {
@@ -296,8 +295,83 @@ fn run_debug(cmd: DebugCommand, json: bool) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        DebugCommand::Save {
+            domain,
+            file,
+            destroy,
+            rename,
+            suspend_timeout,
+        } => {
+            let id = debug::resolve_domain(hv, &domain)?;
+            let report = save_to_file(hv, id, &file, destroy, rename.as_deref(), suspend_timeout)?;
+            if json {
+                print_json(&report)?;
+            } else {
+                writeln!(
+                    out,
+                    "domain {id} ({}) saved to {}: {} bytes, {} pages, {} of {} frames unpopulated, device state {} bytes; quiesce {} ms, memory {} ms, total {} ms{}",
+                    report.guest_type,
+                    file.display(),
+                    report.image_bytes,
+                    report.pages,
+                    report.holes,
+                    report.pfns_scanned,
+                    report.device_state_bytes,
+                    report.quiesce_ms,
+                    report.memory_ms,
+                    report.total_ms,
+                    if destroy { "; domain destroyed" } else { "; domain runs on" }
+                )?;
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `kemari debug save`: the image of `id` into `file`, then (with `destroy`) `xl destroy`.
+fn save_to_file(
+    hv: &dyn Hypervisor,
+    id: hypervisor::DomId,
+    file: &std::path::Path,
+    destroy: bool,
+    rename: Option<&str>,
+    suspend_timeout: u64,
+) -> anyhow::Result<xlsave::SaveReport> {
+    let xs = hv.open_xenstore()?;
+    let config = domconfig::domain_config_json(id, Some(xs.as_ref()), rename)?;
+    let info = hv.domain_info(id)?;
+    let dm = QmpDeviceModel::for_domain(id);
+    let emulator: Option<&dyn xlsave::EmulatorState> =
+        (info.guest_type == hypervisor::GuestType::Hvm).then_some(&dm);
+    let out = std::fs::File::create(file)
+        .with_context(|| format!("cannot create image file {}", file.display()))?;
+    let opts = xlsave::SaveOptions {
+        mode: if destroy {
+            xlsave::SaveMode::Suspend
+        } else {
+            xlsave::SaveMode::Pause
+        },
+        suspend_timeout: Duration::from_secs(suspend_timeout),
+    };
+    let report = match xlsave::save_image(hv, id, &out, &config, emulator, &opts) {
+        Ok(r) => r,
+        Err(err) => {
+            drop(out);
+            let _ = std::fs::remove_file(file);
+            return Err(err).with_context(|| format!("saving domain {id} to {}", file.display()));
+        }
+    };
+    out.sync_all()
+        .with_context(|| format!("cannot sync image file {}", file.display()))?;
+    if destroy {
+        XlTool::default().destroy(id).with_context(|| {
+            format!(
+                "domain {id} is saved in {} but could not be destroyed",
+                file.display()
+            )
+        })?;
+    }
+    Ok(report)
 }
 
 fn main() -> ExitCode {

@@ -12,5 +12,6 @@
 pub mod apply;
 pub mod hash;
 pub mod replica;
+pub mod replica_xl;
 pub mod stats;
 pub mod trigger;
