@@ -7,6 +7,7 @@
 pub mod debug;
 pub mod domconfig;
 pub mod qmp;
+pub mod streaminfo;
 pub mod sync;
 pub mod xlsave;
 pub mod xltool;

@@ -43,6 +43,13 @@ enum Command {
 enum DebugCommand {
     /// List the domains of this host (id, type, state, pages, vCPUs).
     Domains,
+    /// Show what an `xl save` image file contains (xl header, domain type, records by type,
+    /// pages, pfn range, HVM context, params, emulator blobs). Needs no Xen; exit status 1 on
+    /// malformed input.
+    StreamInfo {
+        /// Image file (written by `xl save` or by Kemari).
+        file: std::path::PathBuf,
+    },
     /// Pause a domain (Xen's pause count goes up by one).
     Pause {
         /// Domain id or name.
@@ -142,11 +149,27 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn stream_info(file: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
+    let info = kemarid::streaminfo::stream_info(file)?;
+    if json {
+        print_json(&info)?;
+    } else {
+        std::io::stdout()
+            .lock()
+            .write_all(kemarid::streaminfo::render_text(&info).as_bytes())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run_debug(cmd: DebugCommand, json: bool) -> anyhow::Result<ExitCode> {
+    if let DebugCommand::StreamInfo { file } = &cmd {
+        return stream_info(file, json);
+    }
     let hv = open_host()?;
     let hv = hv.as_ref();
     let mut out = std::io::stdout().lock();
     match cmd {
+        DebugCommand::StreamInfo { file } => return stream_info(&file, json),
         DebugCommand::Domains => {
             let rows = debug::domains(hv)?;
             if json {
