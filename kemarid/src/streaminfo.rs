@@ -18,22 +18,20 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum StreamInfoError {
     /// The file could not be opened.
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}: {error}")]
     Open {
         /// The file.
         path: PathBuf,
         /// The error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file is not a valid image.
-    #[error("{path} is not a valid xl save image: {source}")]
+    #[error("{path} is not a valid xl save image: {error}")]
     Malformed {
         /// The file.
         path: PathBuf,
         /// What is wrong.
-        #[source]
-        source: ImageError,
+        error: ImageError,
     },
 }
 
@@ -53,7 +51,7 @@ pub struct StreamInfo {
 pub fn stream_info(path: &Path) -> Result<StreamInfo, StreamInfoError> {
     let f = File::open(path).map_err(|source| StreamInfoError::Open {
         path: path.to_owned(),
-        source,
+        error: source,
     })?;
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut mix = |bytes: &[u8]| {
@@ -72,7 +70,7 @@ pub fn stream_info(path: &Path) -> Result<StreamInfo, StreamInfoError> {
     )
     .map_err(|source| StreamInfoError::Malformed {
         path: path.to_owned(),
-        source,
+        error: source,
     })?;
     Ok(StreamInfo {
         file: path.to_owned(),
@@ -116,9 +114,13 @@ pub fn render_text(info: &StreamInfo) -> String {
         (Some(a), Some(b)) => format!("pfn {a:#x}..={b:#x}"),
         _ => "no pfns".into(),
     };
+    let data_range = match (p.data_pfn_min, p.data_pfn_max) {
+        (Some(a), Some(b)) => format!(", with data {a:#x}..={b:#x}"),
+        _ => String::new(),
+    };
     let _ = writeln!(
         o,
-        "pages:           {} with data ({} MiB), {} entries in {} PAGE_DATA records (max {} per record), {range}",
+        "pages:           {} with data ({} MiB), {} entries in {} PAGE_DATA records (max {} per record), {range}{data_range}",
         p.with_data,
         p.with_data * 4096 / (1 << 20),
         p.entries,

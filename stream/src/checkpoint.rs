@@ -82,10 +82,10 @@ pub enum CheckpointError {
     #[error("checkpoint stream closed by the peer before a new frame began")]
     Closed,
     /// Framing or I/O failure (including truncation).
-    #[error("checkpoint frame: {0}")]
+    #[error(transparent)]
     Frame(#[from] FrameError),
     /// A Xen record inside the frame is malformed.
-    #[error("checkpoint frame: {0}")]
+    #[error(transparent)]
     Libxc(#[from] LibxcError),
     /// A record in the wrong place.
     #[error("checkpoint frame: record {name} ({rtype:#010x}) not allowed {place}")]
@@ -943,7 +943,7 @@ impl Reply {
         w.write_all(&self.encode())
             .map_err(|source| FrameError::Io {
                 what: "checkpoint reply",
-                source,
+                error: source,
             })?;
         Ok(())
     }

@@ -29,13 +29,12 @@ pub enum FrameError {
         wanted: usize,
     },
     /// The underlying reader or writer failed.
-    #[error("I/O error on {what}: {source}")]
+    #[error("I/O error on {what}: {error}")]
     Io {
         /// What was being read or written.
         what: &'static str,
-        /// The error.
-        #[source]
-        source: io::Error,
+        /// The error (in the message; not a separate source, so `{:#}` chains say it once).
+        error: io::Error,
     },
     /// A record claims (or would have) a body longer than the limit.
     #[error("{what} record type {rtype:#010x} has length {len}, above the limit of {cap} bytes")]
@@ -113,7 +112,12 @@ pub fn read_up_to<R: Read + ?Sized>(
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(source) => return Err(FrameError::Io { what, source }),
+            Err(source) => {
+                return Err(FrameError::Io {
+                    what,
+                    error: source,
+                })
+            }
         }
     }
     Ok(got)
@@ -245,7 +249,10 @@ pub fn write_record<W: Write + ?Sized>(
             len: total as u64,
             cap,
         })?;
-    let io = |source| FrameError::Io { what, source };
+    let io = |source| FrameError::Io {
+        what,
+        error: source,
+    };
     w.write_all(&header_bytes(rtype, length)).map_err(io)?;
     for p in parts {
         w.write_all(p).map_err(io)?;

@@ -43,7 +43,7 @@ pub enum ImageError {
     #[error(transparent)]
     Libxc(#[from] LibxcError),
     /// Framing or I/O problem.
-    #[error("image: {0}")]
+    #[error(transparent)]
     Frame(#[from] FrameError),
     /// Records in an order the writer refuses or `xl restore` would reject.
     #[error("image: {0}")]
@@ -239,7 +239,7 @@ impl<W: Write> ImageWriter<W> {
         LibxlRecord::End.write(&mut self.w, &self.limits)?;
         self.w.flush().map_err(|source| FrameError::Io {
             what: "image",
-            source,
+            error: source,
         })?;
         Ok(self.w)
     }
@@ -409,6 +409,10 @@ pub struct PageStats {
     pub pfn_min: Option<u64>,
     /// Highest pfn.
     pub pfn_max: Option<u64>,
+    /// Lowest pfn with contents.
+    pub data_pfn_min: Option<u64>,
+    /// Highest pfn with contents.
+    pub data_pfn_max: Option<u64>,
     /// Most entries in one record.
     pub max_per_record: u64,
 }
@@ -582,6 +586,10 @@ pub fn summarize<R: Read>(
                             pages.pfn_max = Some(pages.pfn_max.map_or(pfn, |m| m.max(pfn)));
                             if let Some(d) = data {
                                 pages.with_data += 1;
+                                pages.data_pfn_min =
+                                    Some(pages.data_pfn_min.map_or(pfn, |m| m.min(pfn)));
+                                pages.data_pfn_max =
+                                    Some(pages.data_pfn_max.map_or(pfn, |m| m.max(pfn)));
                                 on_page(pfn, d);
                             }
                         }
@@ -674,7 +682,7 @@ mod tests {
             blob.extend_from_slice(&t.to_le_bytes());
             blob.extend_from_slice(&i.to_le_bytes());
             blob.extend_from_slice(&(len as u32).to_le_bytes());
-            blob.extend(std::iter::repeat_n(0xAB, len));
+            blob.extend(vec![0xAB; len]);
         };
         push(1, 0, 24);
         for c in 0..cpus {
@@ -737,6 +745,10 @@ mod tests {
         assert_eq!(s.pages.records, 3);
         assert_eq!(s.pages.max_per_record, 1024);
         assert_eq!((s.pages.pfn_min, s.pages.pfn_max), (Some(0), Some(2499)));
+        assert_eq!(
+            (s.pages.data_pfn_min, s.pages.data_pfn_max),
+            (Some(0), Some(2499))
+        );
         assert_eq!(s.hvm_contexts.len(), 1);
         assert_eq!(s.hvm_contexts[0].cpus, 2);
         assert_eq!(s.hvm_params, vec![(2, 0xfeff_f000), (1, 3)]);

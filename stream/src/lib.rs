@@ -18,6 +18,7 @@
 
 pub mod checkpoint;
 pub mod frame;
+pub mod fuzzing;
 pub mod image;
 pub mod libxc;
 pub mod libxl;

@@ -84,7 +84,7 @@ pub const TSC_INFO_LEN: usize = 24;
 #[derive(Debug, Error)]
 pub enum LibxcError {
     /// Framing or I/O failure.
-    #[error("libxc stream: {0}")]
+    #[error(transparent)]
     Frame(#[from] FrameError),
     /// Bad image header marker.
     #[error("libxc image header: marker {found:#018x}, expected {IHDR_MARKER:#018x}")]
@@ -243,7 +243,7 @@ impl ImageHeader {
         w.write_all(raw.as_bytes())
             .map_err(|source| FrameError::Io {
                 what: "libxc image header",
-                source,
+                error: source,
             })?;
         Ok(())
     }
@@ -331,7 +331,7 @@ impl DomainHeader {
         w.write_all(raw.as_bytes())
             .map_err(|source| FrameError::Io {
                 what: "libxc domain header",
-                source,
+                error: source,
             })?;
         Ok(())
     }

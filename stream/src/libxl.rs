@@ -50,7 +50,7 @@ pub const EMULATOR_QEMU_UPSTREAM: u32 = 2;
 #[derive(Debug, Error)]
 pub enum LibxlError {
     /// Framing or I/O failure.
-    #[error("libxl stream: {0}")]
+    #[error(transparent)]
     Frame(#[from] FrameError),
     /// Wrong ident.
     #[error("libxl stream: ident {found:#018x}, expected {LIBXL_IDENT:#018x} (\"LibxlFmt\")")]
@@ -138,7 +138,7 @@ impl LibxlHeader {
         w.write_all(raw.as_bytes())
             .map_err(|source| FrameError::Io {
                 what: "libxl header",
-                source,
+                error: source,
             })?;
         Ok(())
     }

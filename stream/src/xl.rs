@@ -38,7 +38,7 @@ pub const MAX_EXTRA_OPTIONAL_DATA: u32 = 64 << 10;
 #[derive(Debug, Error)]
 pub enum XlError {
     /// Framing or I/O failure.
-    #[error("xl save header: {0}")]
+    #[error(transparent)]
     Frame(#[from] FrameError),
     /// Wrong magic: not an `xl save` file.
     #[error("xl save header: wrong magic {found:02x?} (not a file written by `xl save`?)")]
@@ -245,7 +245,7 @@ impl XlHeader {
         let io = |source| {
             XlError::Frame(FrameError::Io {
                 what: "xl save header",
-                source,
+                error: source,
             })
         };
         w.write_all(raw.as_bytes()).map_err(io)?;
