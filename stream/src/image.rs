@@ -370,6 +370,12 @@ impl<R: Read> ImageReader<R> {
         }
     }
 
+    /// The underlying reader, positioned right after the last item read (on a Kemari
+    /// connection, checkpoint frames follow the final `END`).
+    pub fn into_inner(self) -> R {
+        self.r
+    }
+
     /// After the final `END`: fails if any byte follows. Returns the reader.
     pub fn finish(mut self) -> Result<R, ImageError> {
         if self.state != RState::Done {
@@ -806,6 +812,29 @@ mod tests {
                 "libxl.END"
             ]
         );
+    }
+
+    #[test]
+    fn checkpoint_frames_follow_the_image() {
+        let mut stream = write_image(GuestKind::Pvh, 1);
+        let cp = crate::checkpoint::Checkpoint {
+            seq: 1,
+            reason: crate::checkpoint::EpochReason::Initial,
+            pages: vec![],
+            hvm_context: vec![1],
+            hvm_params: vec![],
+            emulator_state: None,
+            extra: vec![],
+        };
+        crate::checkpoint::write_checkpoint(&mut stream, &cp, &Limits::default()).unwrap();
+        let mut rd = ImageReader::new(&stream[..], Limits::default()).unwrap();
+        while rd.next_item().unwrap().is_some() {}
+        let mut rest = rd.into_inner();
+        let back = crate::checkpoint::CheckpointReader::new(Limits::default())
+            .read(&mut rest, 1)
+            .unwrap();
+        assert_eq!(back, cp);
+        assert!(rest.is_empty());
     }
 
     #[test]
