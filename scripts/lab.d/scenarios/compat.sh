@@ -42,6 +42,12 @@ compat_decode_xl_save() {
     lab_run host1 "kemari debug stream-info $file" 300 >"$LAB_RUN/compat-stream-info-$t.txt" || true
     cat "$LAB_RUN/compat-stream-info-$t.txt" >&2
 
+    # the first 64 KiB (headers, config, policies, first PAGE_DATA records) for the codec's
+    # regression tests against real Xen bytes (stream/tests/data/)
+    lab_run host1 "head -c 65536 $file >$file.head" 60 &&
+      lab_copy_out host1 "$file.head" "$LAB_RUN/compat-xl-save-$t.head" ||
+      lab_fail "cannot copy out the head of the $t image"
+
     lab_step "compat/decode: check what the $t image holds"
     python3 - "$LAB_RUN/compat-stream-info-$t.json" "$t" "$COMPAT_MEM" >>"$LAB_RUN/.figures" <<'PY' ||
 import json, sys
@@ -93,7 +99,7 @@ PY
   echo "$err" | grep -q 'not a valid xl save image: .*truncated' ||
     lab_fail "unclear error for a truncated image: $err"
   # the images take dom0 space (~140 MB each) that later steps need
-  lab_run host1 "rm -f /var/lib/lab/compat-trunc.xlsave /var/lib/lab/compat-pvh.xlsave /var/lib/lab/compat-hvm.xlsave" 30 ||
+  lab_run host1 "rm -f /var/lib/lab/compat-trunc.xlsave /var/lib/lab/compat-pvh.xlsave* /var/lib/lab/compat-hvm.xlsave*" 30 ||
     lab_fail "cannot remove the xl save images"
 }
 
