@@ -382,7 +382,13 @@ pub fn write_checkpoint<W: Write + ?Sized>(
         let refs: Vec<(u64, &[u8; PAGE_SIZE])> = chunk.iter().map(|(p, d)| (*p, &**d)).collect();
         libxc::write_page_data(&mut cw, &refs, limits)?;
     }
-    Record::HvmContext(cp.hvm_context.clone()).write(&mut cw, limits)?;
+    frame::write_record(
+        &mut cw,
+        libxc::REC_HVM_CONTEXT,
+        &[&cp.hvm_context],
+        cap,
+        "HVM_CONTEXT",
+    )?;
     let params: Vec<(u64, u64)> = cp
         .hvm_params
         .iter()
@@ -770,8 +776,7 @@ impl CheckpointReader {
             phase = next;
             match next {
                 Phase::Pages => {
-                    let pd = PageData::decode(&body)?;
-                    take_pages(pd, &mut pages, &mut seen, begin.page_count)?;
+                    take_pages(&body, &mut pages, &mut seen, begin.page_count)?;
                 }
                 Phase::HvmContext => hvm_context = body,
                 Phase::HvmParams => {
@@ -806,13 +811,16 @@ impl CheckpointReader {
     }
 }
 
+/// Moves the pages of a `PAGE_DATA` body into `pages` (one copy, straight from the body).
 fn take_pages(
-    pd: PageData,
+    body: &[u8],
     pages: &mut Vec<(u64, Page)>,
     seen: &mut HashSet<u64>,
     declared: u32,
 ) -> Result<(), CheckpointError> {
-    for (pfn, t, data) in pd.pages() {
+    let (entries, data_off) = PageData::decode_entries(body)?;
+    let mut data = body[data_off..].chunks_exact(PAGE_SIZE);
+    for (pfn, t) in entries {
         if t != PageType::NOTAB {
             return Err(CheckpointError::BadPageType {
                 pfn,
@@ -830,8 +838,8 @@ fn take_pages(
             });
         }
         let mut page = zero_page();
-        match data {
-            Some(d) if d.len() == PAGE_SIZE => page.copy_from_slice(d),
+        match data.next() {
+            Some(d) => page.copy_from_slice(d),
             _ => {
                 return Err(CheckpointError::BadField(format!(
                     "pfn {pfn:#x} has no page contents"

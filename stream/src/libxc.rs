@@ -423,6 +423,17 @@ impl PageData {
 
     /// Decodes the body of a `PAGE_DATA` record.
     pub fn decode(body: &[u8]) -> Result<Self, LibxcError> {
+        let (entries, data_off) = Self::decode_entries(body)?;
+        Ok(PageData {
+            entries,
+            data: body[data_off..].to_vec(),
+        })
+    }
+
+    /// Checks a `PAGE_DATA` body and decodes its entries without copying page contents; returns
+    /// the entries and the offset of the first page's contents in `body` (the contents of the
+    /// entries that carry data follow there, [`PAGE_SIZE`] bytes each).
+    pub fn decode_entries(body: &[u8]) -> Result<(Vec<(u64, PageType)>, usize), LibxcError> {
         let bad = |why: String| LibxcError::BadLength {
             name: "PAGE_DATA",
             length: body.len(),
@@ -460,10 +471,7 @@ impl PageData {
                 "{count} entries with {present} pages of data need exactly {expected} bytes"
             )));
         }
-        Ok(PageData {
-            entries,
-            data: body[pfn_end..].to_vec(),
-        })
+        Ok((entries, pfn_end))
     }
 
     fn encode_header(&self) -> Result<Vec<u8>, LibxcError> {
