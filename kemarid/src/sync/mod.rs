@@ -11,7 +11,13 @@
 
 pub mod apply;
 pub mod hash;
+pub mod image;
+pub mod receiver;
 pub mod replica;
 pub mod replica_xl;
+pub mod sender;
 pub mod stats;
 pub mod trigger;
+
+#[cfg(test)]
+mod tests;

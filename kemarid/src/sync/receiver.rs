@@ -1,0 +1,440 @@
+//! The secondary's side: spool the initial image, build the paused replica, then apply every
+//! checkpoint whole or not at all, and ACK it.
+//!
+//! Per checkpoint: read the whole frame ([`CheckpointReader`]: order, counts, sequence,
+//! checksum); check its HVM context; phase 1 of the page apply (pfns in range, the pages to be
+//! overwritten copied aside); write the staged CPU/device state to a temporary file; phase 2
+//! (write the pages, rolled back on failure); rename the staged file into place; ACK. Any
+//! failure before the ACK leaves the replica and the staged state at the previous checkpoint,
+//! NACKs (best effort) and ends the connection with an error; the replica stays paused.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hypervisor::{hvm_save, DomId, Hypervisor, HypervisorError, PAGE_SIZE};
+use kemari_stream::checkpoint::{
+    self, Ack, Checkpoint, CheckpointError, CheckpointReader, EpochReason, Nack, NackReason, Reply,
+};
+use kemari_stream::Limits;
+
+use super::apply::{ApplyError, PageApply};
+use super::image::{self, ImageError};
+use super::replica::{ReplicaBuilder, ReplicaError};
+
+/// File name of the spooled initial image in the spool directory.
+pub const IMAGE_FILE: &str = "initial.img";
+/// File name of the staged CPU/device state in the spool directory.
+pub const STAGED_FILE: &str = "staged.kemari";
+
+/// Errors of the receiver.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// Socket or spool I/O.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was done.
+        what: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The initial image is invalid or incomplete.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// The replica could not be built.
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    /// A call to Xen about the replica failed.
+    #[error("replica domain {domid}: {step}: {source}")]
+    Xen {
+        /// The replica.
+        domid: DomId,
+        /// Which step.
+        step: &'static str,
+        /// The failed call.
+        #[source]
+        source: HypervisorError,
+    },
+    /// A checkpoint frame was refused (truncated, corrupt, reordered, oversized).
+    #[error("checkpoint {seq} discarded, replica stays at {}: {source}", seq - 1)]
+    Checkpoint {
+        /// The expected sequence number.
+        seq: u64,
+        /// Why.
+        #[source]
+        source: CheckpointError,
+    },
+    /// A checkpoint decoded but carries an invalid HVM context.
+    #[error("checkpoint {seq} discarded, replica stays at {}: HVM context: {source}", seq - 1)]
+    Context {
+        /// The checkpoint.
+        seq: u64,
+        /// Why.
+        #[source]
+        source: hvm_save::HvmSaveError,
+    },
+    /// Applying the pages failed (rolled back unless the error says the replica is lost).
+    #[error("checkpoint {seq}: {source}")]
+    Apply {
+        /// The checkpoint.
+        seq: u64,
+        /// Why.
+        #[source]
+        source: ApplyError,
+    },
+    /// The staged state file is malformed.
+    #[error("staged state {path}: {detail}")]
+    Staged {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        detail: String,
+    },
+}
+
+/// Options of the receiver.
+#[derive(Debug, Clone)]
+pub struct ReceiverOptions {
+    /// Where the initial image and the staged state are kept.
+    pub spool_dir: PathBuf,
+    /// Name of the replica domain.
+    pub name: String,
+    /// Limits of the stream codec (e.g. the largest checkpoint accepted).
+    pub limits: Limits,
+    /// Give up when the primary sends nothing for this long (`None`: wait forever).
+    pub idle_timeout: Option<Duration>,
+}
+
+/// The CPU and device state of the last applied checkpoint, applied to the replica only at
+/// failover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Staged {
+    /// Its checkpoint.
+    pub seq: u64,
+    /// HVM context.
+    pub hvm_context: Vec<u8>,
+    /// HVM parameters.
+    pub hvm_params: Vec<(u32, u64)>,
+    /// Device-model state.
+    pub emulator_state: Option<Vec<u8>>,
+}
+
+/// What a connection achieved (also on failure).
+#[derive(Debug, Clone, Default)]
+pub struct Session {
+    /// The replica, once built.
+    pub replica: Option<DomId>,
+    /// Last ACKed sequence number (0: the initial image).
+    pub acked: Option<u64>,
+    /// Staged state of `acked`.
+    pub staged: Option<Staged>,
+    /// Checkpoints applied after the image.
+    pub checkpoints: u64,
+    /// Pages written by checkpoints.
+    pub pages: u64,
+    /// Pages in the initial image.
+    pub image_pages: u64,
+    /// Bytes of the initial image.
+    pub image_bytes: u64,
+}
+
+/// A connection that ended with an error: what it achieved, and why it ended.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct ReceiveFailure {
+    /// State reached before the failure (the replica is at `session.acked`).
+    pub session: Box<Session>,
+    /// The failure.
+    #[source]
+    pub error: ReceiveError,
+}
+
+/// A `Read` that copies everything it reads into a `Write` (the spool file).
+struct Tee<'a, R: Read, W: Write> {
+    r: &'a mut R,
+    w: &'a mut W,
+    bytes: u64,
+}
+
+impl<R: Read, W: Write> Read for Tee<'_, R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.r.read(buf)?;
+        self.w.write_all(buf.get(..n).unwrap_or(&[]))?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ReceiveError {
+    let what = what.into();
+    move |source| ReceiveError::Io { what, source }
+}
+
+/// Writes `staged` to `path` atomically enough for the caller: into `path.tmp`, synced; the
+/// caller renames it. Format: `u64 seq` (LE) + a checkpoint frame without pages.
+fn write_staged_tmp(
+    path: &Path,
+    staged: &Staged,
+    limits: &Limits,
+) -> Result<PathBuf, ReceiveError> {
+    let tmp = path.with_extension("tmp");
+    let cp = Checkpoint {
+        seq: staged.seq,
+        reason: EpochReason::Request,
+        pages: Vec::new(),
+        hvm_context: staged.hvm_context.clone(),
+        hvm_params: staged.hvm_params.clone(),
+        emulator_state: staged.emulator_state.clone(),
+        extra: Vec::new(),
+    };
+    let what = format!("writing staged state {}", tmp.display());
+    let mut f = File::create(&tmp).map_err(io_err(what.clone()))?;
+    f.write_all(&staged.seq.to_le_bytes())
+        .map_err(io_err(what.clone()))?;
+    checkpoint::write_checkpoint(&mut f, &cp, limits).map_err(|e| ReceiveError::Staged {
+        path: tmp.clone(),
+        detail: e.to_string(),
+    })?;
+    f.sync_all().map_err(io_err(what))?;
+    Ok(tmp)
+}
+
+/// Reads a staged state file written by the receiver (checksum-checked).
+pub fn read_staged(path: &Path) -> Result<Staged, ReceiveError> {
+    let f = File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
+    let mut r = BufReader::new(f);
+    let mut seq = [0u8; 8];
+    r.read_exact(&mut seq)
+        .map_err(io_err(format!("reading {}", path.display())))?;
+    let seq = u64::from_le_bytes(seq);
+    let cp = CheckpointReader::new(Limits::default())
+        .read(&mut r, seq)
+        .map_err(|e| ReceiveError::Staged {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+    Ok(Staged {
+        seq,
+        hvm_context: cp.hvm_context,
+        hvm_params: cp.hvm_params,
+        emulator_state: cp.emulator_state,
+    })
+}
+
+/// The secondary's end of protection connections.
+pub struct Receiver<'a> {
+    hv: &'a dyn Hypervisor,
+    builder: &'a dyn ReplicaBuilder,
+    opts: ReceiverOptions,
+}
+
+impl std::fmt::Debug for Receiver<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver")
+            .field("opts", &self.opts)
+            .finish()
+    }
+}
+
+impl<'a> Receiver<'a> {
+    /// A receiver building replicas with `builder` and applying checkpoints through `hv`.
+    pub fn new(
+        hv: &'a dyn Hypervisor,
+        builder: &'a dyn ReplicaBuilder,
+        opts: ReceiverOptions,
+    ) -> Receiver<'a> {
+        Receiver { hv, builder, opts }
+    }
+
+    /// Path of the staged state file.
+    pub fn staged_path(&self) -> PathBuf {
+        self.opts.spool_dir.join(STAGED_FILE)
+    }
+
+    /// Serves one connection until the primary closes it (`Ok`) or something fails (`Err`,
+    /// with what was achieved). The replica is left paused either way.
+    pub fn serve(&self, stream: TcpStream) -> Result<Session, ReceiveFailure> {
+        let mut session = Session::default();
+        match self.serve_inner(stream, &mut session) {
+            Ok(()) => Ok(session),
+            Err(error) => Err(ReceiveFailure {
+                session: Box::new(session),
+                error,
+            }),
+        }
+    }
+
+    fn serve_inner(&self, stream: TcpStream, session: &mut Session) -> Result<(), ReceiveError> {
+        stream
+            .set_nodelay(true)
+            .map_err(io_err("setting TCP_NODELAY"))?;
+        stream
+            .set_read_timeout(self.opts.idle_timeout)
+            .map_err(io_err("setting the idle timeout"))?;
+        let mut replies = stream
+            .try_clone()
+            .map_err(io_err("cloning the connection"))?;
+        let mut input = BufReader::with_capacity(1 << 20, stream);
+
+        // The initial image, validated while it is spooled.
+        std::fs::create_dir_all(&self.opts.spool_dir).map_err(io_err(format!(
+            "creating spool directory {}",
+            self.opts.spool_dir.display()
+        )))?;
+        let image_path = self.opts.spool_dir.join(IMAGE_FILE);
+        let spool = File::create(&image_path)
+            .map_err(io_err(format!("creating {}", image_path.display())))?;
+        let mut spool = std::io::BufWriter::new(spool);
+        let mut tee = Tee {
+            r: &mut input,
+            w: &mut spool,
+            bytes: 0,
+        };
+        let summary = image::read_image(&mut tee, &self.opts.limits, &mut |_, _| Ok(()))?;
+        session.image_bytes = tee.bytes;
+        session.image_pages = summary.pages;
+        spool
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(format!("writing {}", image_path.display())))?;
+        log::info!(
+            "initial image: {} pages, {} bytes, spooled to {}",
+            summary.pages,
+            session.image_bytes,
+            image_path.display()
+        );
+
+        let domid = self.builder.create_paused(&image_path, &self.opts.name)?;
+        session.replica = Some(domid);
+        let xen = |step, source| ReceiveError::Xen {
+            domid,
+            step,
+            source,
+        };
+        let info = self
+            .hv
+            .domain_info(domid)
+            .map_err(|e| xen("domain info", e))?;
+        if !info.paused {
+            return Err(ReplicaError::NotPaused { domid }.into());
+        }
+        let max_pfn = self
+            .hv
+            .maximum_gpfn(domid)
+            .map_err(|e| xen("maximum gpfn", e))?;
+        let staged_path = self.staged_path();
+        let staged = Staged {
+            seq: 0,
+            hvm_context: summary.hvm_context,
+            hvm_params: summary.hvm_params,
+            emulator_state: summary.emulator.map(|e| e.context),
+        };
+        let tmp = write_staged_tmp(&staged_path, &staged, &self.opts.limits)?;
+        std::fs::rename(&tmp, &staged_path)
+            .map_err(io_err(format!("renaming {} into place", tmp.display())))?;
+        session.staged = Some(staged);
+        Reply::Ack(Ack { seq: 0 })
+            .write(&mut replies)
+            .map_err(|source| ReceiveError::Checkpoint { seq: 1, source })?;
+        session.acked = Some(0);
+
+        let reader = CheckpointReader::new(self.opts.limits);
+        let mut seq = 1u64;
+        loop {
+            let cp = match reader.read(&mut input, seq) {
+                Ok(cp) => cp,
+                Err(CheckpointError::Closed) => {
+                    log::info!("primary closed the stream after checkpoint {}", seq - 1);
+                    return Ok(());
+                }
+                Err(source) => {
+                    self.nack(&mut replies, seq, NackReason::for_error(&source));
+                    return Err(ReceiveError::Checkpoint { seq, source });
+                }
+            };
+            if let Err(source) = hvm_save::parse(&cp.hvm_context) {
+                self.nack(&mut replies, seq, NackReason::Corrupt);
+                return Err(ReceiveError::Context { seq, source });
+            }
+            if let Err(e) = self.apply(domid, max_pfn, &staged_path, cp, session) {
+                self.nack(&mut replies, seq, NackReason::ApplyFailed);
+                return Err(e);
+            }
+            Reply::Ack(Ack { seq })
+                .write(&mut replies)
+                .map_err(|source| ReceiveError::Checkpoint { seq, source })?;
+            session.acked = Some(seq);
+            seq += 1;
+        }
+    }
+
+    fn nack(&self, replies: &mut TcpStream, seq: u64, reason: NackReason) {
+        if let Err(e) = (Reply::Nack(Nack { seq, reason })).write(replies) {
+            log::debug!("cannot NACK checkpoint {seq}: {e}");
+        }
+    }
+
+    /// Applies one checkpoint whole or not at all.
+    fn apply(
+        &self,
+        domid: DomId,
+        max_pfn: u64,
+        staged_path: &Path,
+        cp: Checkpoint,
+        session: &mut Session,
+    ) -> Result<(), ReceiveError> {
+        let seq = cp.seq;
+        let pfns: Vec<u64> = cp.pages.iter().map(|(p, _)| *p).collect();
+        let apply = PageApply::prepare(self.hv, domid, max_pfn, &pfns)
+            .map_err(|source| ReceiveError::Apply { seq, source })?;
+        let staged = Staged {
+            seq,
+            hvm_context: cp.hvm_context,
+            hvm_params: cp.hvm_params,
+            emulator_state: cp.emulator_state,
+        };
+        let tmp = write_staged_tmp(staged_path, &staged, &self.opts.limits)?;
+        let refs: Vec<&[u8; PAGE_SIZE]> = cp.pages.iter().map(|(_, d)| &**d).collect();
+        if let Err(source) = apply.write(self.hv, &refs) {
+            remove_quietly(&tmp);
+            return Err(ReceiveError::Apply { seq, source });
+        }
+        if let Err(e) = std::fs::rename(&tmp, staged_path) {
+            remove_quietly(&tmp);
+            if let Err(source) = apply.undo(self.hv) {
+                return Err(ReceiveError::Apply {
+                    seq,
+                    source: ApplyError::RollbackFailed {
+                        domid,
+                        write: HypervisorError::Call {
+                            op: hypervisor::Method::WritePages,
+                            errno: hypervisor::Errno::from_io(&e),
+                        },
+                        source,
+                    },
+                });
+            }
+            return Err(ReceiveError::Io {
+                what: format!(
+                    "renaming {} into place (checkpoint rolled back)",
+                    tmp.display()
+                ),
+                source: e,
+            });
+        }
+        session.checkpoints += 1;
+        session.pages += pfns.len() as u64;
+        session.staged = Some(staged);
+        Ok(())
+    }
+}
+
+fn remove_quietly(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        log::debug!("removing {}: {e}", path.display());
+    }
+}
