@@ -100,8 +100,8 @@ pub enum ReceiveError {
 pub struct ReceiverOptions {
     /// Where the initial image and the staged state are kept.
     pub spool_dir: PathBuf,
-    /// Name of the replica domain.
-    pub name: String,
+    /// Name of the replica domain (`None`: the name in the image's configuration).
+    pub name: Option<String>,
     /// Limits of the stream codec (e.g. the largest checkpoint accepted).
     pub limits: Limits,
     /// Give up when the primary sends nothing for this long (`None`: wait forever).
@@ -308,7 +308,16 @@ impl<'a> Receiver<'a> {
             image_path.display()
         );
 
-        let domid = self.builder.create_paused(&image_path, &self.opts.name)?;
+        let name = match &self.opts.name {
+            Some(n) => n.clone(),
+            None => serde_json::from_slice::<serde_json::Value>(&summary.config)
+                .ok()
+                .and_then(|c| crate::domconfig::config_name(&c).map(str::to_string))
+                .ok_or_else(|| {
+                    ImageError::Invalid("the image's configuration has no c_info.name".into())
+                })?,
+        };
+        let domid = self.builder.create_paused(&image_path, &name)?;
         session.replica = Some(domid);
         let xen = |step, source| ReceiveError::Xen {
             domid,

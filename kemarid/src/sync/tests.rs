@@ -168,6 +168,8 @@ fn secondary(tag: &str, limits: Limits) -> Secondary {
     let addr = listener.local_addr().unwrap();
     let spool = spool_dir(tag);
     let (x, s) = (xen.clone(), spool.clone());
+    // The PVH runs take the replica's name from the image.
+    let name = (!tag.starts_with("pvh")).then(|| String::from("replica"));
     let handle = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
         let builder = MemReplicaBuilder::new(x.clone());
@@ -176,7 +178,7 @@ fn secondary(tag: &str, limits: Limits) -> Secondary {
             &builder,
             ReceiverOptions {
                 spool_dir: s,
-                name: "replica".into(),
+                name,
                 limits,
                 idle_timeout: Some(Duration::from_secs(60)),
             },
