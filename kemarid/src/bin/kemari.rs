@@ -126,6 +126,18 @@ enum DebugCommand {
         #[arg(long, default_value_t = 60)]
         suspend_timeout: u64,
     },
+    /// Build a replica domain from an `xl save` image the way the secondary does: `xl restore
+    /// -p -e` under NAME (the image's config is renamed through a copy if needed), checked to be
+    /// paused. With --unpause the replica is then let run.
+    ReplicaRestore {
+        /// Image file (`xl save` format).
+        image: std::path::PathBuf,
+        /// Name of the replica domain.
+        name: String,
+        /// Unpause the replica once built.
+        #[arg(long)]
+        unpause: bool,
+    },
 }
 
 fn parse_pfn(s: &str) -> anyhow::Result<u64> {
@@ -161,7 +173,49 @@ fn stream_info(file: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `kemari debug replica-restore`.
+fn replica_restore(
+    image: &std::path::Path,
+    name: &str,
+    unpause: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use kemarid::sync::replica::ReplicaBuilder;
+    let host: std::sync::Arc<dyn hypervisor::DomainControl> = std::sync::Arc::new(
+        hypervisor::xen::XenHost::open().context("cannot open this host's Xen")?,
+    );
+    let builder =
+        kemarid::sync::replica_xl::XlReplicaBuilder::new(XlTool::default(), Some(host.clone()));
+    let start = std::time::Instant::now();
+    let domid = builder.create_paused(image, name)?;
+    let build_ms = start.elapsed().as_millis() as u64;
+    if unpause {
+        host.unpause(domid)
+            .with_context(|| format!("unpausing replica domain {domid}"))?;
+    }
+    if json {
+        print_json(
+            &serde_json::json!({"domid": domid, "name": name, "build_ms": build_ms, "unpaused": unpause}),
+        )?;
+    } else {
+        writeln!(
+            std::io::stdout().lock(),
+            "replica {name} built as domain {domid} in {build_ms} ms{}",
+            if unpause { ", unpaused" } else { ", paused" }
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run_debug(cmd: DebugCommand, json: bool) -> anyhow::Result<ExitCode> {
+    if let DebugCommand::ReplicaRestore {
+        image,
+        name,
+        unpause,
+    } = &cmd
+    {
+        return replica_restore(image, name, *unpause, json);
+    }
     if let DebugCommand::StreamInfo { file } = &cmd {
         return stream_info(file, json);
     }
@@ -318,6 +372,11 @@ fn run_debug(cmd: DebugCommand, json: bool) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        DebugCommand::ReplicaRestore {
+            image,
+            name,
+            unpause,
+        } => return replica_restore(&image, &name, unpause, json),
         DebugCommand::Save {
             domain,
             file,

@@ -10,6 +10,7 @@
 //! Everything here talks to Xen only through the [`hypervisor`] traits.
 
 pub mod apply;
+pub mod device_qmp;
 pub mod hash;
 pub mod image;
 pub mod receiver;

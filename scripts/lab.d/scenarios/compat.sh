@@ -206,8 +206,70 @@ PY
       lab_fail "$name's disk writer stopped after the restore"
     lab_check_disk host1 "$name"
     lab_figure "${t}_counter" "${count_before}to${count_after}"
-    lab_run host1 "xl destroy $name" 60 || true
+    if [ "$t" = pvh ]; then
+      compat_replica_on_host2 "$name" "$ip" "$count_after"
+    else
+      lab_run host1 "xl destroy $name" 60 || true
+    fi
   done
+}
+
+# compat_replica_on_host2 NAME IP COUNT: the secondary's path. The running guest NAME (host1) is
+# saved again by `kemari debug save --destroy`; the image and the guest's disk go to host2, where
+# `kemari debug replica-restore` builds the replica NAME-replica the way the sync engine's
+# receiver does (XlReplicaBuilder: `xl restore -p -e` of a copy renamed in its xl header); it
+# must come up paused, and once unpaused run on from the saved memory: heartbeat continues, and
+# host1 reaches its TCP counter (same address and MAC, now behind host2's bridge) with COUNT+1.
+compat_replica_on_host2() {
+  local name=$1 ip=$2 count=$3 replica=$1-replica img json last_alive clog2 st t0 next n
+  img=/share/compat-images/$name.2.kimg
+  clog2=$(lab_guest_console_file host2 "$replica")
+
+  lab_step "compat/replica: save $name again on host1, move image and disk to host2"
+  json=$(lab_run host1 "kemari --json debug save $name $img --destroy" 600) ||
+    { echo "$json" >&2; lab_fail "second kemari debug save of $name failed"; }
+  last_alive=$({ grep -o 'kemari-guest alive [0-9]*' "$(lab_guest_console_file host1 "$name")" || true; } | tail -1 | awk '{print $3}')
+  mkdir -p "$(lab_host_dir host2)/share/compat-images"
+  mv "$(lab_host_dir host1)$img" "$(lab_host_dir host2)$img"
+  lab_copy_out host1 "/var/lib/lab/$name.img" "$LAB_RUN/$name.disk"
+  lab_copy_in host2 "$LAB_RUN/$name.disk" "/var/lib/lab/$name.img"
+  rm -f "$LAB_RUN/$name.disk"
+
+  lab_step "compat/replica: kemari debug replica-restore on host2 builds $replica paused"
+  json=$(lab_run host2 "kemari --json debug replica-restore $img $replica" 600) || {
+    echo "$json" >&2
+    lab_run host2 "tail -20 /var/log/xen/xl-$replica.log 2>/dev/null" 30 >&2 || true
+    lab_fail "kemari debug replica-restore of $name on host2 failed"
+  }
+  echo "$json" >&2
+  lab_figure replica_build_s "$(echo "$json" | python3 -c 'import json,sys; print(json.load(sys.stdin)["build_ms"] / 1000)')"
+  st=$(lab_guest_state host2 "$replica") || lab_fail "$replica does not exist on host2"
+  case "$st" in *p*) ;; *) lab_fail "$replica on host2 is not paused after replica-restore ($st)" ;; esac
+  lab_run host2 "rm -f $img" 30 || true
+
+  lab_step "compat/replica: $replica runs on host2 from the saved memory"
+  lab_run host2 "xl unpause $replica" 60
+  t0=$(lab_now)
+  next=""
+  while [ -z "$next" ] && [ "$(lab_since "$t0" | cut -d. -f1)" -lt 240 ]; do
+    next=$({ grep -o 'kemari-guest alive [0-9]*' "$clog2" 2>/dev/null || true; } | head -1 | awk '{print $3}')
+    [ -n "$next" ] || sleep 1
+  done
+  [ -n "$next" ] || lab_fail "$replica: no heartbeat on host2 within 240 s"
+  lab_figure replica_first_heartbeat_s "$(lab_since "$t0")"
+  echo "$replica: last heartbeat on host1 $last_alive, first on host2 $next" >&2
+  [ "$next" -gt "$last_alive" ] || lab_fail "$replica restarted its heartbeat ($last_alive -> $next)"
+  if grep -q "kemari-guest $name up" "$clog2"; then lab_fail "$replica booted again on host2"; fi
+  n=""
+  for _ in 1 2 3 4 5; do
+    n=$(lab_run host1 "echo hi | nc -w 10 $ip 7000" 60 2>/dev/null | sed -n 's/^kemari-count \([0-9]*\).*/\1/p') && [ -n "$n" ] && break
+    sleep 3
+  done
+  echo "$replica: counter from host1 after the move: ${n:-none}" >&2
+  [ "$n" = $((count + 1)) ] || lab_fail "$replica's TCP counter from host1: '${n:-none}', expected $((count + 1))"
+  lab_figure replica_counter "${count}to$n"
+  lab_guest_live host2 "$replica"
+  lab_run host2 "xl destroy $replica" 60 || true
 }
 
 # compat_count IP: the number host2 gets from the guest's TCP counter service (3 tries).
