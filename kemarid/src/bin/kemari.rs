@@ -16,6 +16,9 @@ use kemarid::qmp::QmpDeviceModel;
 use kemarid::xltool::XlTool;
 use kemarid::{domconfig, xlsave};
 
+#[path = "kemari/sync_cmd.rs"]
+mod sync_cmd;
+
 /// Kemari for Xen: fault tolerance for Xen 4.17 HVM and PVH guests.
 ///
 /// Status: only the `debug` commands exist so far. Guest protection (start/stop/status/failover)
@@ -37,12 +40,16 @@ enum Command {
     /// through libxenctrl & co (Xen 4.17 only) and need no daemon.
     #[command(subcommand)]
     Debug(DebugCommand),
+    #[command(flatten)]
+    Sync(sync_cmd::SyncCommand),
 }
 
 #[derive(Subcommand, Debug)]
 enum DebugCommand {
     /// List the domains of this host (id, type, state, pages, vCPUs).
     Domains,
+    #[command(flatten)]
+    Sync(sync_cmd::SyncDebug),
     /// Show what an `xl save` image file contains (xl header, domain type, records by type,
     /// pages, pfn range, HVM context, params, emulator blobs). Needs no Xen; exit status 1 on
     /// malformed input.
@@ -223,6 +230,7 @@ fn run_debug(cmd: DebugCommand, json: bool) -> anyhow::Result<ExitCode> {
     let hv = hv.as_ref();
     let mut out = std::io::stdout().lock();
     match cmd {
+        DebugCommand::Sync(c) => return sync_cmd::run_debug(hv, c, json),
         DebugCommand::StreamInfo { file } => return stream_info(&file, json),
         DebugCommand::Domains => {
             let rows = debug::domains(hv)?;
@@ -461,6 +469,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Debug(cmd) => run_debug(cmd, cli.json),
+        Command::Sync(cmd) => sync_cmd::run(cmd, cli.json),
     };
     match r {
         Ok(code) => code,

@@ -1,0 +1,362 @@
+//! `kemari replicate`, `kemari receive` and the sync-related `kemari debug` commands.
+//!
+//! These run the sync engine in the foreground. They are the lab's handle on it until the
+//! control API (issue 7) exists; the daemon will then run the same engine.
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use hypervisor::{DomainControl, GuestType, Hypervisor};
+use kemarid::sync::hash::{cpu_hashes, mem_hash};
+use kemarid::sync::receiver::{read_staged, Receiver, ReceiverOptions};
+use kemarid::sync::replica_xl::XlReplicaBuilder;
+use kemarid::sync::sender::{CountHook, DeviceState, Sender, SenderOptions};
+use kemarid::sync::trigger::Triggers;
+use kemarid::xltool::XlTool;
+
+/// Top-level commands of the sync engine.
+#[derive(Subcommand, Debug)]
+pub enum SyncCommand {
+    /// Protect a guest by hand (foreground; the lab's handle until the control API exists):
+    /// connect to `kemari receive` on the secondary, copy the guest live (progress lines), then
+    /// take checkpoints at the maximum epoch interval until --checkpoints are ACKed (forever
+    /// without it). With --hold the guest is left PAUSED right after the last ACK, exactly at
+    /// the state the secondary holds. Prints a final stats line (--json: one JSON object).
+    Replicate(ReplicateArgs),
+    /// Serve one primary (foreground; the lab's handle until the control API exists): spool the
+    /// initial image into --spool-dir, build the replica paused with `xl restore -p`, apply and
+    /// ACK checkpoints until the stream ends. The replica is left paused; the staged CPU/device
+    /// state of the last checkpoint is in DIR/staged.kemari (see `kemari debug staged-context`).
+    Receive(ReceiveArgs),
+}
+
+/// Arguments of `kemari replicate`.
+#[derive(Args, Debug)]
+pub struct ReplicateArgs {
+    /// Domain id or name (HVM or PVH).
+    pub domain: String,
+    /// The secondary's `kemari receive` address.
+    pub target: String,
+    /// Stop after this many checkpoints.
+    #[arg(long)]
+    pub checkpoints: Option<u64>,
+    /// Maximum epoch interval: a checkpoint at least this often (ms).
+    #[arg(long, default_value_t = 100)]
+    pub interval_ms: u64,
+    /// Leave the guest paused right after the last checkpoint's ACK (needs --checkpoints).
+    #[arg(long, requires = "checkpoints")]
+    pub hold: bool,
+    /// Seconds to wait for each checkpoint's ACK.
+    #[arg(long, default_value_t = 30)]
+    pub ack_timeout_s: u64,
+    /// Most live rounds after the first full copy.
+    #[arg(long, default_value_t = 8)]
+    pub max_live_rounds: u32,
+    /// Name of the replica in the image's configuration (default: the guest's name).
+    #[arg(long)]
+    pub replica_name: Option<String>,
+}
+
+/// Arguments of `kemari receive`.
+#[derive(Args, Debug)]
+pub struct ReceiveArgs {
+    /// Address to listen on (`0.0.0.0:7100`).
+    #[arg(long)]
+    pub listen: String,
+    /// Folder for the spooled image and the staged state.
+    #[arg(long)]
+    pub spool_dir: PathBuf,
+    /// Serve one connection, then exit.
+    #[arg(long)]
+    pub once: bool,
+    /// Name of the replica domain (default: the name in the image).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Give up when the primary is silent this long (s; 0: never).
+    #[arg(long, default_value_t = 600)]
+    pub idle_timeout_s: u64,
+}
+
+/// Sync-related `kemari debug` commands.
+#[derive(Subcommand, Debug)]
+pub enum SyncDebug {
+    /// Hash every populated page of a domain (pause it first for a meaningful result).
+    MemHash {
+        /// Domain id or name.
+        domain: String,
+        /// Also list each page's hash.
+        #[arg(long)]
+        per_page: bool,
+    },
+    /// Print the non-zero 16-byte lines of one guest page in hex (to diff a page across hosts).
+    PageDump {
+        /// Domain id or name.
+        domain: String,
+        /// Guest page frame number (decimal or 0x-prefixed hex).
+        pfn: String,
+    },
+    /// Fingerprint of each vCPU's HVM_SAVE_CPU record of a domain's current HVM context (the
+    /// `tsc` field, which Xen recomputes at every save, is excluded from the hash and printed).
+    CpuContext {
+        /// Domain id or name.
+        domain: String,
+    },
+    /// The same fingerprints for the staged state a `kemari receive` wrote (DIR/staged.kemari).
+    StagedContext {
+        /// The staged state file.
+        file: PathBuf,
+    },
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn open_host() -> anyhow::Result<hypervisor::xen::XenHost> {
+    hypervisor::xen::XenHost::open()
+        .context("cannot open this host's Xen (run in a Xen 4.17 dom0, as root)")
+}
+
+/// Runs a top-level sync command.
+pub fn run(cmd: SyncCommand, json: bool) -> anyhow::Result<ExitCode> {
+    match cmd {
+        SyncCommand::Replicate(a) => replicate(a, json),
+        SyncCommand::Receive(a) => receive(a, json),
+    }
+}
+
+fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let host = open_host()?;
+    let hv: &dyn Hypervisor = &host;
+    let domid = kemarid::debug::resolve_domain(hv, &a.domain)?;
+    let info = hv.domain_info(domid)?;
+    let xs = hv.open_xenstore()?;
+    let config =
+        kemarid::domconfig::domain_config_json(domid, Some(xs.as_ref()), a.replica_name.as_deref())
+            .with_context(|| format!("reading domain {domid}'s configuration"))?;
+    let device: Option<Box<dyn DeviceState>> = match info.guest_type {
+        GuestType::Hvm => Some(Box::new(
+            kemarid::sync::device_qmp::QmpDeviceState::for_domain(domid, hv.open_xenstore()?),
+        )),
+        _ => None,
+    };
+    let stream = TcpStream::connect(&a.target)
+        .with_context(|| format!("connecting to the secondary at {}", a.target))?;
+    let opts = SenderOptions {
+        max_live_rounds: a.max_live_rounds,
+        ack_timeout: Duration::from_secs(a.ack_timeout_s),
+        ..SenderOptions::default()
+    };
+    let mut tx = Sender::new(hv, domid, stream, opts, device)?;
+    let start = Instant::now();
+    let init = tx.initial_sync(&config, &mut |p| {
+        eprintln!(
+            "initial sync: round {} sent {} pages (total {}, {} holes), {} dirty after it ({:.0} pages/s){}",
+            p.round,
+            p.round_pages,
+            p.total_pages,
+            p.holes,
+            p.dirty_after,
+            p.dirty_rate,
+            if p.last { ", final round next" } else { "" }
+        );
+    })?;
+    eprintln!(
+        "initial sync: {} live + {} final pages, {} bytes, paused {:.1} ms, ACKed after {:.0} ms",
+        init.live_pages, init.final_pages, init.bytes, init.pause_ms, init.total_ms
+    );
+    let triggers = Triggers::new(Duration::from_millis(a.interval_ms.max(1)));
+    let mut hook = CountHook {
+        limit: a.checkpoints,
+        hold: a.hold,
+    };
+    let protect_start = Instant::now();
+    let out = tx.protect(&triggers, &mut hook)?;
+    let secs = protect_start.elapsed().as_secs_f64();
+    drop(tx);
+    let s = &out.stats;
+    let rate = if secs > 0.0 {
+        s.checkpoints as f64 / secs
+    } else {
+        0.0
+    };
+    if json {
+        print_json(&serde_json::json!({
+            "domid": domid,
+            "initial": init,
+            "checkpoints": s,
+            "checkpoints_per_s": rate,
+            "protect_s": secs,
+            "last_seq": out.last_seq,
+            "held_paused": out.held_paused,
+            "total_s": start.elapsed().as_secs_f64(),
+        }))?;
+    } else {
+        println!(
+            "replicated domain {domid}: checkpoints={} per_s={rate:.2} pause_mean_ms={:.2} pause_p99_ms={:.2} pause_max_ms={:.2} pages_mean={:.1} pages_max={} bytes={} ack_wait_mean_ms={:.2} coalesced={} last_seq={} held_paused={}",
+            s.checkpoints,
+            s.pause_mean_ms,
+            s.pause_p99_ms,
+            s.pause_max_ms,
+            s.pages_mean,
+            s.pages_max,
+            s.bytes,
+            s.ack_wait_mean_ms,
+            s.coalesced,
+            out.last_seq,
+            out.held_paused
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let host = Arc::new(open_host()?);
+    let control: Arc<dyn DomainControl> = host.clone();
+    let builder = XlReplicaBuilder::new(XlTool::default(), Some(control));
+    let rx = Receiver::new(
+        host.as_ref(),
+        &builder,
+        ReceiverOptions {
+            spool_dir: a.spool_dir.clone(),
+            name: a.name.clone(),
+            limits: kemari_stream::Limits::default(),
+            idle_timeout: (a.idle_timeout_s > 0).then(|| Duration::from_secs(a.idle_timeout_s)),
+        },
+    );
+    let listener =
+        TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
+    eprintln!("kemari receive: listening on {}", a.listen);
+    loop {
+        let (stream, peer) = listener.accept().context("accepting a connection")?;
+        eprintln!("kemari receive: primary {peer} connected");
+        let start = Instant::now();
+        let (session, error) = match rx.serve(stream) {
+            Ok(s) => (s, None),
+            Err(f) => (*f.session, Some(f.error)),
+        };
+        let secs = start.elapsed().as_secs_f64();
+        if json {
+            print_json(&serde_json::json!({
+                "peer": peer.to_string(),
+                "replica": session.replica,
+                "acked": session.acked,
+                "checkpoints": session.checkpoints,
+                "pages": session.pages,
+                "image_pages": session.image_pages,
+                "image_bytes": session.image_bytes,
+                "seconds": secs,
+                "error": error.as_ref().map(|e| format!("{e:#}")),
+                "staged": rx.staged_path(),
+            }))?;
+        } else {
+            println!(
+                "received from {peer}: replica={} acked={} checkpoints={} pages={} image_pages={} image_bytes={} seconds={secs:.1}{}",
+                session.replica.map_or("-".into(), |d| d.to_string()),
+                session.acked.map_or("-".into(), |s| s.to_string()),
+                session.checkpoints,
+                session.pages,
+                session.image_pages,
+                session.image_bytes,
+                error.as_ref().map_or(String::new(), |e| format!(" error: {e}"))
+            );
+        }
+        if a.once {
+            return Ok(if error.is_some() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
+    }
+}
+
+/// Runs a sync-related debug command.
+pub fn run_debug(hv: &dyn Hypervisor, cmd: SyncDebug, json: bool) -> anyhow::Result<ExitCode> {
+    match cmd {
+        SyncDebug::MemHash { domain, per_page } => {
+            let domid = kemarid::debug::resolve_domain(hv, &domain)?;
+            let max = hv.maximum_gpfn(domid)?;
+            let h = mem_hash(hv, domid, max, per_page)?;
+            if json {
+                print_json(&serde_json::json!({"domid": domid, "max_pfn": max, "mem": h}))?;
+            } else {
+                println!(
+                    "domain {domid}: pages={} holes={} hash={}",
+                    h.pages, h.holes, h.hash
+                );
+                for (pfn, ph) in h.per_page.unwrap_or_default() {
+                    println!("{pfn:#x} {ph}");
+                }
+            }
+        }
+        SyncDebug::PageDump { domain, pfn } => {
+            let domid = kemarid::debug::resolve_domain(hv, &domain)?;
+            let pfn = match pfn.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => pfn.parse(),
+            }
+            .with_context(|| format!("pfn {pfn:?} is not a number"))?;
+            let page = kemarid::debug::read_page(hv, domid, pfn)?;
+            let mut out = std::io::stdout().lock();
+            for (i, line) in page.chunks(16).enumerate() {
+                if line.iter().any(|b| *b != 0) {
+                    let hex: Vec<String> = line.iter().map(|b| format!("{b:02x}")).collect();
+                    writeln!(out, "{:04x}: {}", i * 16, hex.join(" "))?;
+                }
+            }
+        }
+        SyncDebug::CpuContext { domain } => {
+            let domid = kemarid::debug::resolve_domain(hv, &domain)?;
+            let ctx = hv.hvm_context(domid)?;
+            print_cpus(&format!("domain {domid}"), &ctx, None, None, json)?;
+        }
+        SyncDebug::StagedContext { file } => {
+            let staged = read_staged(&file)?;
+            print_cpus(
+                &file.display().to_string(),
+                &staged.hvm_context,
+                Some(staged.seq),
+                Some(&staged.hvm_params),
+                json,
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_cpus(
+    what: &str,
+    ctx: &[u8],
+    seq: Option<u64>,
+    params: Option<&[(u32, u64)]>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let cpus = cpu_hashes(ctx)?;
+    if json {
+        print_json(
+            &serde_json::json!({"source": what, "seq": seq, "vcpus": cpus, "params": params}),
+        )?;
+    } else {
+        for c in cpus {
+            println!(
+                "{what}{}: vcpu {} cpu-hash {} rip {:#x} tsc {}",
+                seq.map_or(String::new(), |s| format!(" seq {s}")),
+                c.vcpu,
+                c.hash,
+                c.rip,
+                c.tsc
+            );
+        }
+    }
+    Ok(())
+}
