@@ -139,6 +139,19 @@ compat_xl_restore_ours() {
     count_before=$(compat_count "$ip") || lab_fail "$name: no answer from $ip:7000 before the save"
     echo "$name: counter before the save: $count_before" >&2
 
+    lab_step "compat/restore: kemari debug save $name without --destroy: paused while saved, runs on"
+    json=$(lab_run host1 "mkdir -p /share/compat-images && kemari --json debug save $name $img.paused" 600) || {
+      echo "$json" >&2
+      lab_fail "kemari debug save $name (pause mode) failed"
+    }
+    lab_figure "${t}_pause_mode_save_ms" "$(echo "$json" | python3 -c 'import json,sys; print(json.load(sys.stdin)["total_ms"])')"
+    lab_run host1 "kemari debug stream-info $img.paused >/dev/null && rm -f $img.paused" 300 ||
+      lab_fail "stream-info cannot read the pause-mode image of $name"
+    lab_guest_live host1 "$name" || lab_fail "$name is not running after a pause-mode save"
+    last_alive=$({ grep -o 'kemari-guest alive [0-9]*' "$clog" || true; } | tail -1 | awk '{print $3}')
+    lab_wait_console host1 "$name" "kemari-guest alive $((last_alive + 1))([^0-9]|\$)" 60 ||
+      lab_fail "$name's heartbeat stopped after a pause-mode save"
+
     lab_step "compat/restore: kemari debug save $name --destroy"
     t0=$(lab_now)
     json=$(lab_run host1 "mkdir -p /share/compat-images && rm -f $img && kemari --json debug save $name $img --destroy" 600) || {
