@@ -448,7 +448,18 @@ fn save_to_file(
         Err(err) => {
             drop(out);
             let _ = std::fs::remove_file(file);
-            return Err(err).with_context(|| format!("saving domain {id} to {}", file.display()));
+            // A guest that did suspend cannot be resumed by kemari (no xc_domain_resume): say so.
+            let suspended = hv.domain_info(id).ok().and_then(|i| i.shutdown)
+                == Some(hypervisor::ShutdownReason::Suspend);
+            let what = if suspended {
+                format!(
+                    "saving domain {id} to {} (the domain stays suspended: destroy it with xl destroy {id})",
+                    file.display()
+                )
+            } else {
+                format!("saving domain {id} to {}", file.display())
+            };
+            return Err(err).context(what);
         }
     };
     out.sync_all()
