@@ -1,0 +1,142 @@
+# shellcheck shell=bash
+# Scenario sync: the synchronization engine protects a PVH and an HVM guest from host1 to host2
+# while a memory writer runs in each guest (lab.memwrite: KiB of RAM rewritten every 0.2 s).
+# host2 runs `kemari receive` (spool, replica built paused by `xl restore -p`, checkpoints applied
+# whole or not at all); host1 runs `kemari replicate --checkpoints N --hold`, which leaves the
+# primary PAUSED right after the ACK of the last checkpoint. Then, on both sides:
+#   - `kemari debug mem-hash`: a hash over every populated page (pfn + page hash) must be equal;
+#   - the HVM_SAVE_CPU records of the primary's current HVM context and of the replica's staged
+#     context must be equal (the `tsc` field excluded: Xen computes it at save time from the
+#     running TSC, so two saves of the same paused vCPU differ there).
+# Figures: checkpoints/s, mean and p99 pause time, pages per checkpoint, initial sync time.
+
+SYNC_N=${SYNC_N:-50}
+SYNC_INTERVAL_MS=${SYNC_INTERVAL_MS:-100}
+SYNC_MEM=${SYNC_MEM:-128}
+SYNC_WRITE_KIB=${SYNC_WRITE_KIB:-256}
+SYNC_PORT=${SYNC_PORT:-7100}
+
+lab_step "boot 2 hosts"
+lab_boot_hosts 2
+
+lab_step "create PVH and HVM guests with a memory writer"
+for t in pvh hvm; do
+  lab_create_guest host1 "$t" "sync-$t" "mem=$SYNC_MEM" "extra=lab.memwrite=$SYNC_WRITE_KIB"
+done
+lab_wait_console host1 sync-pvh 'kemari-guest memory writer' 120
+lab_wait_console host1 sync-hvm 'kemari-guest memory writer' 300
+
+i=0
+for t in pvh hvm; do
+  name=sync-$t
+  port=$((SYNC_PORT + i))
+  i=$((i + 1))
+  spool=/var/lib/kemari/spool-$t
+
+  lab_step "sync/$t: kemari receive on host2"
+  # the replica's configuration names the same disk file as the primary's
+  lab_run host2 "mkdir -p /var/lib/lab /var/lib/kemari && rm -rf $spool && truncate -s 16M /var/lib/lab/$name.img"
+  lab_run host2 "setsid sh -c 'kemari --json receive --listen 0.0.0.0:$port --spool-dir $spool --once >/var/lib/kemari/receive-$t.json 2>/var/lib/kemari/receive-$t.log' </dev/null >/dev/null 2>&1 &"
+  sleep 2
+  lab_run host2 "cat /var/lib/kemari/receive-$t.log"
+
+  lab_step "sync/$t: kemari replicate --checkpoints $SYNC_N --hold"
+  t0=$(lab_now)
+  if ! json=$(lab_run host1 "kemari --json replicate $name $(lab_host_ip host2):$port --checkpoints $SYNC_N --interval-ms $SYNC_INTERVAL_MS --hold 2>/tmp/replicate-$t.log" 1200); then
+    lab_run host1 "cat /tmp/replicate-$t.log" || true
+    lab_run host2 "cat /var/lib/kemari/receive-$t.log /var/lib/kemari/receive-$t.json" || true
+    lab_fail "kemari replicate of $name failed"
+  fi
+  lab_figure "${t}_replicate_s" "$(lab_since "$t0")"
+  lab_run host1 "cat /tmp/replicate-$t.log"
+  echo "$json" | tee "$LAB_RUN/sync-replicate-$t.json" >&2
+
+  lab_step "sync/$t: primary paused at the last ACK, receiver done"
+  st=$(lab_guest_state host1 "$name")
+  case "$st" in *p*) ;; *) lab_fail "primary $name is not paused after --hold (state '$st')" ;; esac
+  rjson=
+  for _ in $(seq 60); do
+    rjson=$(lab_run host2 "cat /var/lib/kemari/receive-$t.json" 30) || true
+    [ -n "$rjson" ] && break
+    sleep 1
+  done
+  lab_run host2 "cat /var/lib/kemari/receive-$t.log"
+  echo "$rjson" | tee "$LAB_RUN/sync-receive-$t.json" >&2
+  [ -n "$rjson" ] || lab_fail "kemari receive did not finish after the primary closed the stream"
+  replica=$(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); n=int(sys.argv[2])
+if r["error"] or r["acked"] != n: sys.exit("receiver: acked %s, error %s" % (r["acked"], r["error"]))
+print(r["replica"])' "$rjson" "$SYNC_N") || lab_fail "receiver did not hold checkpoint $SYNC_N"
+  rst=$(lab_run host2 "xl list | awk -v id=$replica '\$2 == id {print \$5}'")
+  case "$rst" in *p*) ;; *) lab_fail "replica domain $replica is not paused (state '$rst')" ;; esac
+
+  lab_run host2 "kemari --json debug staged-context $spool/staged.kemari" | python3 -c 'import json,sys; print(json.dumps({str(k): v for k, v in json.load(sys.stdin)["params"]}))' >"$LAB_RUN/sync-staged-params-$t.json"
+
+  lab_step "sync/$t: every guest page identical"
+  # The xenstore and console ring pages (HVM params STORE_PFN=1, CONSOLE_PFN=17) are written by
+  # dom0's xenstored/xenconsoled through mappings that last for the domain's life, which Xen's
+  # log-dirty does not see (it marks grant-mapped pages at unmap), and on host2 the replica's
+  # own xenstored/xenconsoled serve the restored domain's rings. Their contents are backend
+  # state, carried by the backends' own records in a later issue; they are compared, dumped and
+  # counted (figure *_ring_pages_differ) but do not fail the check. Any other page must match.
+  lab_run host1 "kemari --json debug mem-hash $name --per-page" 600 >"$LAB_RUN/sync-memhash-$t-primary.json"
+  lab_run host2 "kemari --json debug mem-hash $replica --per-page" 600 >"$LAB_RUN/sync-memhash-$t-replica.json"
+  rings=$(python3 -c 'import json,sys; s=json.load(open(sys.argv[1]))
+print(" ".join(str(s.get(k, 0)) for k in ("1", "17")))' "$LAB_RUN/sync-staged-params-$t.json")
+  cmp=$(python3 - "$LAB_RUN/sync-memhash-$t-primary.json" "$LAB_RUN/sync-memhash-$t-replica.json" $rings <<'PY'
+import json, sys
+A = json.load(open(sys.argv[1]))["mem"]; B = json.load(open(sys.argv[2]))["mem"]
+rings = {int(x) for x in sys.argv[3:] if int(x)}
+a = {int(p): h for p, h in A["per_page"]}; b = {int(p): h for p, h in B["per_page"]}
+only_a = sorted(set(a) - set(b)); only_b = sorted(set(b) - set(a))
+diff = sorted(p for p in set(a) & set(b) if a[p] != b[p])
+ring_diff = [p for p in diff if p in rings]
+other = [p for p in diff if p not in rings]
+print(f"pages={len(a)} primary_hash={A['hash']} replica_hash={B['hash']} only_primary={[hex(p) for p in only_a[:16]]} "
+      f"only_replica={[hex(p) for p in only_b[:16]]} differ={[hex(p) for p in other[:32]]} ring_pages_differ={[hex(p) for p in ring_diff]}",
+      file=sys.stderr)
+print(len(ring_diff), " ".join(hex(p) for p in ring_diff))
+sys.exit(1 if only_a or only_b or other else 0)
+PY
+)  || lab_fail "$t: memory of primary and replica differ (see the line above)"
+  lab_figure "${t}_pages" "$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["mem"]["per_page"]))' "$LAB_RUN/sync-memhash-$t-primary.json")"
+  lab_figure "${t}_ring_pages_differ" "${cmp%% *}"
+  for pfn in ${cmp#* }; do
+    [ "$pfn" = "${cmp%% *}" ] && continue
+    lab_say "$t: ring page $pfn, primary (<) vs replica (>):"
+    lab_run host1 "kemari debug page-dump $name $pfn" >"$LAB_RUN/sync-page-$t-$pfn-primary.txt"
+    lab_run host2 "kemari debug page-dump $replica $pfn" >"$LAB_RUN/sync-page-$t-$pfn-replica.txt"
+    diff "$LAB_RUN/sync-page-$t-$pfn-primary.txt" "$LAB_RUN/sync-page-$t-$pfn-replica.txt" >&2 || true
+  done
+
+  lab_step "sync/$t: CPU context identical (staged on host2, current on host1)"
+  c1=$(lab_run host1 "kemari --json debug cpu-context $name")
+  c2=$(lab_run host2 "kemari --json debug staged-context $spool/staged.kemari")
+  echo "primary: $c1" >&2
+  echo "staged:  $c2" >&2
+  python3 - "$c1" "$c2" "$SYNC_N" <<'PY' || lab_fail "$t: CPU context of primary and staged replica differ"
+import json, sys
+a = json.loads(sys.argv[1]); b = json.loads(sys.argv[2])
+if b["seq"] != int(sys.argv[3]):
+    sys.exit(f"staged context is of checkpoint {b['seq']}")
+ha = [(v["vcpu"], v["hash"], v["rip"]) for v in a["vcpus"]]
+hb = [(v["vcpu"], v["hash"], v["rip"]) for v in b["vcpus"]]
+if not ha or ha != hb:
+    sys.exit(f"primary {ha} != staged {hb}")
+PY
+
+  python3 - "$json" "$t" >>"$LAB_RUN/.figures" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1]); t = sys.argv[2]; c = r["checkpoints"]; i = r["initial"]
+print(f"{t}_ckpt_per_s={r['checkpoints_per_s']:.2f}")
+print(f"{t}_pause_mean_ms={c['pause_mean_ms']:.2f}")
+print(f"{t}_pause_p99_ms={c['pause_p99_ms']:.2f}")
+print(f"{t}_pages_per_ckpt={c['pages_mean']:.1f}")
+print(f"{t}_ack_wait_mean_ms={c['ack_wait_mean_ms']:.2f}")
+print(f"{t}_initial_s={i['total_ms'] / 1000:.1f}")
+print(f"{t}_initial_pause_ms={i['pause_ms']:.1f}")
+PY
+
+  lab_step "sync/$t: clean up"
+  lab_run host1 "xl destroy $name" || true
+  lab_run host2 "xl destroy $replica" || true
+done
