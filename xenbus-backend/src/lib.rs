@@ -4,9 +4,24 @@
 //! `xen-blkback`/`xen-netback`: owning the backend end of each ring's event channel is how the daemon
 //! learns that the guest is about to make I/O visible (see `docs/design.md`, "The tap").
 //!
-//! This crate currently holds the xenbus state machine shared by every backend, including the
-//! project-defined `Attached` state used by failover. The block and network backends build on it.
+//! * [`state`]: the xenbus state machine shared by every backend, including the project-defined
+//!   `Attached` state used by failover;
+//! * [`device`]: the frontend/backend xenstore directories of one device;
+//! * [`ring`]: the backend end of a Xen shared ring over a grant mapping, with hostile-index checks;
+//! * [`blkif`]: the block ring's wire format and request validation;
+//! * [`disk`]: raw image / block device backing store;
+//! * [`blkback`]: the block backend ([`Vbd`]).
+//!
+//! See `docs/backends.md` for the xenstore layout, how a guest gets these backends, and the
+//! validation rules.
 
+pub mod blkback;
+pub mod blkif;
+pub mod device;
+pub mod disk;
+pub mod ring;
 pub mod state;
+
+pub use blkback::{Vbd, VbdConfig, VbdError, VbdStats, VbdStatus};
 
 pub use state::{react, BackendState, Reaction, StateError, XenbusState, KEMARI_STATE_NODE};

@@ -234,6 +234,8 @@ pub fn react(backend: BackendState, frontend: XenbusState) -> Reaction {
         (BackendState::Xenbus(S::InitWait), S::Initialised | S::Connected) => Reaction::Connect,
         (BackendState::Xenbus(S::Connected), S::Closing | S::Closed) => Reaction::Close,
         (BackendState::Xenbus(S::InitWait | S::Initialising), S::Closing) => Reaction::Close,
+        // the frontend finished closing after we published Closing: publish Closed
+        (BackendState::Xenbus(S::Closing), S::Closed) => Reaction::Close,
         (BackendState::Xenbus(S::Closed), S::Initialising) => Reaction::Reinitialise,
         _ => Reaction::None,
     }
@@ -340,6 +342,8 @@ mod tests {
         assert_eq!(react(b(S::InitWait), S::Initialising), Reaction::None);
         assert_eq!(react(b(S::Connected), S::Closing), Reaction::Close);
         assert_eq!(react(b(S::Closed), S::Initialising), Reaction::Reinitialise);
+        assert_eq!(react(b(S::Closing), S::Closed), Reaction::Close);
+        assert_eq!(react(b(S::Closing), S::Closing), Reaction::None);
         assert_eq!(react(BackendState::Attached, S::Connected), Reaction::None);
         assert_eq!(react(BackendState::Attached, S::Closed), Reaction::Close);
     }

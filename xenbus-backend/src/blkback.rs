@@ -1,0 +1,837 @@
+//! A userspace blkif backend (blkback): serves a raw image file or block device to a guest's
+//! `xen-blkfront` over the standard xenbus handshake.
+//!
+//! One [`Vbd`] serves one guest disk. [`Vbd::create`] writes the device's xenstore nodes
+//! (see [`crate::device`]) and publishes `InitWait`; [`Vbd::poll`] (or [`Vbd::run`]) follows
+//! the frontend's state: when it is `Initialised` the backend maps the ring, binds the event
+//! channel and becomes `Connected`; requests are then served as the guest kicks; a closing
+//! frontend is answered with `Closing`/`Closed`. [`Vbd::attach`] is Kemari's `Attached` path:
+//! take over a ring the frontend already connected, from its current indexes.
+//!
+//! Offered to the frontend: read, write, flush (`feature-flush-cache`, also serving
+//! `BLKIF_OP_WRITE_BARRIER` without advertising it), discard on regular files
+//! (`feature-discard`), indirect descriptors up to [`MAX_INDIRECT_SEGMENTS`] segments
+//! (`feature-max-indirect-segments`), and multi-page rings up to
+//! 2^[`MAX_RING_PAGE_ORDER`] pages (`max-ring-page-order`). No persistent grants, one queue.
+//!
+//! Guest input is validated before use: a bad request (segment, sector range, grant the
+//! guest does not own, unknown operation) gets an error response and the device goes on; a
+//! ring index beyond the ring, or an unmappable ring, is a protocol error that ends the
+//! device (state `Closed`, reason in the backend's `kemari-error` node), logged once. Nothing
+//! a guest does can panic the backend or make it touch memory outside its mappings.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use hypervisor::{
+    DomId, EventChannels, GrantMapping, GrantRef, GrantTables, HypervisorError, Port, XenStore,
+    PAGE_SIZE,
+};
+use zerocopy::IntoBytes;
+
+use crate::blkif::{
+    self, parse_indirect_segments, parse_request, BlkifResponse, Direction, DiskLimits, Request,
+    Segment, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, ENTRY_SIZE, MAX_INDIRECT_SEGMENTS, SECTOR_SIZE,
+    SEGMENT_SIZE, VDISK_READONLY,
+};
+use crate::device::{self, DeviceError, DevicePaths};
+use crate::disk::{Disk, DiskError};
+use crate::ring::{BackRing, RingError};
+use crate::state::{react, BackendState, Reaction, XenbusState};
+
+/// Backend type directory: `/local/domain/0/backend/kemari-vbd/<domid>/<devid>`.
+pub const BACKEND_TYPE: &str = "kemari-vbd";
+/// Frontend device class (`xen-blkfront` serves `device/vbd`).
+pub const FRONTEND_CLASS: &str = "vbd";
+/// Largest ring we accept: 2^order pages (`max-ring-page-order`).
+pub const MAX_RING_PAGE_ORDER: u32 = 2;
+/// The only ABI served (`protocol` node; absent means native, which is this).
+pub const PROTOCOL_X86_64: &str = "x86_64-abi";
+/// Node where the reason a device failed is published.
+pub const ERROR_NODE: &str = "kemari-error";
+/// Bad requests logged per device at `warn` before the rest go to `debug`.
+const LOGGED_BAD_REQUESTS: u32 = 8;
+
+/// Errors of a virtual block device.
+#[derive(Debug, thiserror::Error)]
+pub enum VbdError {
+    /// The image.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// xenstore handling.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// Mapping the ring, binding or using the event channel, polling.
+    #[error("guest {domid} device {devid}: {what}: {source}")]
+    Hypervisor {
+        /// The guest.
+        domid: DomId,
+        /// The device.
+        devid: u32,
+        /// What was being done.
+        what: String,
+        /// The cause.
+        source: HypervisorError,
+    },
+    /// The shared ring.
+    #[error("guest {domid} device {devid}: {source}")]
+    Ring {
+        /// The guest.
+        domid: DomId,
+        /// The device.
+        devid: u32,
+        /// The cause.
+        source: RingError,
+    },
+    /// A frontend detail we do not serve.
+    #[error("guest {domid} device {devid}: frontend asks for {what}")]
+    Unsupported {
+        /// The guest.
+        domid: DomId,
+        /// The device.
+        devid: u32,
+        /// What it asked for.
+        what: String,
+    },
+    /// `attach` found a device that is not connected.
+    #[error("guest {domid} device {devid}: cannot attach, frontend state is {state:?}")]
+    NotConnected {
+        /// The guest.
+        domid: DomId,
+        /// The device.
+        devid: u32,
+        /// The frontend's state.
+        state: Option<XenbusState>,
+    },
+    /// `poll` failed.
+    #[error("polling xenstore and event channel fds: {0}")]
+    Poll(nix::Error),
+}
+
+/// What to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VbdConfig {
+    /// The guest.
+    pub domid: DomId,
+    /// `virtual-device` (e.g. 51712 = xvda).
+    pub devid: u32,
+    /// The backend's domain (0).
+    pub backend_domid: DomId,
+    /// The raw image or block device.
+    pub image: PathBuf,
+    /// Serve read-only.
+    pub readonly: bool,
+}
+
+impl VbdConfig {
+    /// `xvda` of `domid` from dom0, read-write.
+    pub fn xvda(domid: DomId, image: PathBuf) -> VbdConfig {
+        VbdConfig {
+            domid,
+            devid: XVDA,
+            backend_domid: 0,
+            image,
+            readonly: false,
+        }
+    }
+}
+
+/// `virtual-device` of `xvda` (major 202, minor 0).
+pub const XVDA: u32 = 202 << 8;
+
+/// Counters of a device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VbdStats {
+    /// Requests answered (any status).
+    pub requests: u64,
+    /// Bytes read from the disk into the guest.
+    pub read_bytes: u64,
+    /// Bytes written from the guest to the disk.
+    pub write_bytes: u64,
+    /// `fdatasync`s done.
+    pub flushes: u64,
+    /// Discards done.
+    pub discards: u64,
+    /// Requests answered with an error.
+    pub errors: u64,
+    /// Events sent to the frontend.
+    pub notifies: u64,
+    /// Times the frontend connected (or we attached).
+    pub connects: u64,
+}
+
+/// Where a device is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VbdStatus {
+    /// Waiting for or serving the frontend.
+    Active(BackendState),
+    /// Ended by a protocol error; the reason.
+    Failed(String),
+    /// The frontend's directory is gone (guest destroyed).
+    Gone,
+}
+
+struct Conn {
+    ring: BackRing,
+    port: Port,
+}
+
+/// One virtual block device of one guest.
+pub struct Vbd<'h> {
+    gnttab: &'h dyn GrantTables,
+    xs: Box<dyn XenStore>,
+    evtchn: Box<dyn EventChannels>,
+    paths: DevicePaths,
+    disk: Disk,
+    limits: DiskLimits,
+    state: BackendState,
+    conn: Option<Conn>,
+    stats: VbdStats,
+    failure: Option<String>,
+    gone: bool,
+    token: String,
+    bad_logged: u32,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for Vbd<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vbd")
+            .field("paths", &self.paths)
+            .field("state", &self.state)
+            .field("stats", &self.stats)
+            .field("failure", &self.failure)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'h> Vbd<'h> {
+    fn open(
+        gnttab: &'h dyn GrantTables,
+        xs: Box<dyn XenStore>,
+        evtchn: Box<dyn EventChannels>,
+        config: &VbdConfig,
+    ) -> Result<Vbd<'h>, VbdError> {
+        let disk = Disk::open(&config.image, config.readonly)?;
+        let paths = DevicePaths::new(
+            xs.as_ref(),
+            config.domid,
+            config.devid,
+            config.backend_domid,
+            FRONTEND_CLASS,
+            BACKEND_TYPE,
+        )?;
+        let limits = DiskLimits {
+            sectors: disk.sectors(),
+            readonly: disk.readonly(),
+            discard: disk.can_discard(),
+            indirect: true,
+        };
+        let token = format!("{BACKEND_TYPE}/{}/{}", config.domid, config.devid);
+        Ok(Vbd {
+            gnttab,
+            xs,
+            evtchn,
+            paths,
+            disk,
+            limits,
+            state: BackendState::Xenbus(XenbusState::Unknown),
+            conn: None,
+            stats: VbdStats::default(),
+            failure: None,
+            gone: false,
+            token,
+            bad_logged: 0,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Creates the device for a guest (normally created paused, before its frontend probes):
+    /// writes both xenstore directories, the disk's details and features, publishes
+    /// `InitWait` and watches the frontend. Nothing is left in xenstore if this fails.
+    pub fn create(
+        gnttab: &'h dyn GrantTables,
+        xs: Box<dyn XenStore>,
+        evtchn: Box<dyn EventChannels>,
+        config: &VbdConfig,
+    ) -> Result<Vbd<'h>, VbdError> {
+        let mut vbd = Vbd::open(gnttab, xs, evtchn, config)?;
+        let front = [
+            ("virtual-device", config.devid.to_string()),
+            ("device-type", "disk".to_owned()),
+        ];
+        let back = vbd.feature_nodes();
+        let back_refs: Vec<(&str, String)> = back.iter().map(|(k, v)| (*k, v.clone())).collect();
+        device::create_nodes(vbd.xs.as_ref(), &vbd.paths, &front, &back_refs)?;
+        vbd.state = BackendState::Xenbus(XenbusState::Initialising);
+        if let Err(e) = vbd
+            .start_watch()
+            .and_then(|()| vbd.set_state(BackendState::Xenbus(XenbusState::InitWait)))
+        {
+            if let Err(rm) = device::remove_nodes(vbd.xs.as_ref(), &vbd.paths) {
+                log::warn!("{}: cleanup after a failed create: {rm}", vbd.paths.backend);
+            }
+            return Err(e);
+        }
+        log::info!(
+            "{}: serving {} ({} sectors{}) to guest {} as {}",
+            vbd.paths.backend,
+            vbd.disk.path().display(),
+            vbd.disk.sectors(),
+            if vbd.disk.readonly() {
+                ", read-only"
+            } else {
+                ""
+            },
+            config.domid,
+            vbd.paths.frontend
+        );
+        Ok(vbd)
+    }
+
+    /// Kemari's `Attached`: takes over a device whose frontend is already `Connected` (its
+    /// nodes and ring exist, e.g. after a failover), mapping the ring at its current indexes;
+    /// requests produced but not yet answered are served.
+    pub fn attach(
+        gnttab: &'h dyn GrantTables,
+        xs: Box<dyn XenStore>,
+        evtchn: Box<dyn EventChannels>,
+        config: &VbdConfig,
+    ) -> Result<Vbd<'h>, VbdError> {
+        let mut vbd = Vbd::open(gnttab, xs, evtchn, config)?;
+        let front = device::frontend_state(vbd.xs.as_ref(), &vbd.paths)?;
+        if front != Some(XenbusState::Connected) {
+            return Err(VbdError::NotConnected {
+                domid: config.domid,
+                devid: config.devid,
+                state: front,
+            });
+        }
+        vbd.connect(true)?;
+        vbd.set_state(BackendState::Attached)?;
+        vbd.start_watch()?;
+        // serve whatever the guest queued meanwhile
+        vbd.serve()?;
+        Ok(vbd)
+    }
+
+    fn feature_nodes(&self) -> Vec<(&'static str, String)> {
+        let mut v = vec![
+            ("sectors", self.disk.sectors().to_string()),
+            ("sector-size", SECTOR_SIZE.to_string()),
+            ("physical-sector-size", SECTOR_SIZE.to_string()),
+            (
+                "info",
+                if self.disk.readonly() {
+                    VDISK_READONLY
+                } else {
+                    0
+                }
+                .to_string(),
+            ),
+            (
+                "mode",
+                if self.disk.readonly() { "r" } else { "w" }.to_owned(),
+            ),
+            ("params", self.disk.path().display().to_string()),
+            ("type", "kemari".to_owned()),
+            ("feature-flush-cache", "1".to_owned()),
+            (
+                "feature-max-indirect-segments",
+                MAX_INDIRECT_SEGMENTS.to_string(),
+            ),
+            ("max-ring-page-order", MAX_RING_PAGE_ORDER.to_string()),
+        ];
+        if self.limits.discard {
+            v.push(("feature-discard", "1".to_owned()));
+            v.push(("discard-granularity", PAGE_SIZE.to_string()));
+            v.push(("discard-alignment", "0".to_owned()));
+            v.push(("discard-secure", "0".to_owned()));
+        }
+        v
+    }
+
+    fn start_watch(&mut self) -> Result<(), VbdError> {
+        let path = self.paths.frontend_state();
+        self.xs
+            .watch(&path, &self.token)
+            .map_err(|source| self.hv_err(format!("watching {path}"), source))
+    }
+
+    fn hv_err(&self, what: String, source: HypervisorError) -> VbdError {
+        VbdError::Hypervisor {
+            domid: self.paths.domid,
+            devid: self.paths.devid,
+            what,
+            source,
+        }
+    }
+
+    fn set_state(&mut self, to: BackendState) -> Result<(), VbdError> {
+        device::publish_state(self.xs.as_ref(), &self.paths, self.state, to)?;
+        log::debug!("{}: {} -> {}", self.paths.backend, self.state, to);
+        self.state = to;
+        Ok(())
+    }
+
+    /// The device's xenstore paths.
+    pub fn paths(&self) -> &DevicePaths {
+        &self.paths
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &VbdStats {
+        &self.stats
+    }
+
+    /// The backend's state.
+    pub fn state(&self) -> BackendState {
+        self.state
+    }
+
+    /// Where the device is.
+    pub fn status(&self) -> VbdStatus {
+        if self.gone {
+            VbdStatus::Gone
+        } else if let Some(f) = &self.failure {
+            VbdStatus::Failed(f.clone())
+        } else {
+            VbdStatus::Active(self.state)
+        }
+    }
+
+    /// The local event channel port while connected.
+    pub fn local_port(&self) -> Option<Port> {
+        self.conn.as_ref().map(|c| c.port)
+    }
+
+    /// Waits up to `timeout` (`None`: forever) for a frontend state change or a kick, and
+    /// handles everything pending. Errors are dom0-side failures (xenstore, event channel
+    /// handle); guest misbehaviour shows in [`status`](Self::status) instead.
+    pub fn poll(&mut self, timeout: Option<Duration>) -> Result<VbdStatus, VbdError> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout};
+        let t = match timeout {
+            None => PollTimeout::NONE,
+            Some(d) => PollTimeout::try_from(d).unwrap_or(PollTimeout::MAX),
+        };
+        {
+            let mut fds = [
+                PollFd::new(self.xs.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.evtchn.as_fd(), PollFlags::POLLIN),
+            ];
+            match nix::poll::poll(&mut fds, t) {
+                Ok(_) | Err(nix::Error::EINTR) => {}
+                Err(e) => return Err(VbdError::Poll(e)),
+            }
+        }
+        while let Some(ev) = self
+            .xs
+            .read_watch(Some(Duration::ZERO))
+            .map_err(|e| self.hv_err("reading xenstore watches".into(), e))?
+        {
+            if ev.token == self.token {
+                self.frontend_changed()?;
+            }
+        }
+        while let Some(port) = self
+            .evtchn
+            .pending()
+            .map_err(|e| self.hv_err("taking a pending event".into(), e))?
+        {
+            if self.local_port() == Some(port) {
+                self.serve()?;
+            }
+            // the port may have been unbound by a protocol error meanwhile
+            if self.local_port() == Some(port) {
+                self.evtchn
+                    .unmask(port)
+                    .map_err(|e| self.hv_err(format!("unmasking port {port}"), e))?;
+                // RING_FINAL_CHECK after unmask: a kick latched before it is not lost
+                self.serve()?;
+            }
+        }
+        Ok(self.status())
+    }
+
+    /// Serves until the guest is gone or `stop` is set (checked every 200 ms); then closes the
+    /// device and removes its nodes.
+    pub fn run(&mut self, stop: &AtomicBool) -> Result<VbdStatus, VbdError> {
+        while !stop.load(Ordering::Relaxed) {
+            if self.poll(Some(Duration::from_millis(200)))? == VbdStatus::Gone {
+                break;
+            }
+        }
+        let status = self.status();
+        self.shutdown()?;
+        Ok(status)
+    }
+
+    /// Disconnects and removes the device's xenstore nodes.
+    pub fn shutdown(&mut self) -> Result<(), VbdError> {
+        self.disconnect();
+        if let Err(e) = self.xs.unwatch(&self.paths.frontend_state(), &self.token) {
+            log::debug!("{}: unwatch: {e}", self.paths.backend);
+        }
+        device::remove_nodes(self.xs.as_ref(), &self.paths)?;
+        Ok(())
+    }
+
+    fn frontend_changed(&mut self) -> Result<(), VbdError> {
+        let front = match device::frontend_state(self.xs.as_ref(), &self.paths) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                if !self.gone {
+                    log::info!(
+                        "{}: frontend {} is gone",
+                        self.paths.backend,
+                        self.paths.frontend
+                    );
+                }
+                self.disconnect();
+                self.gone = true;
+                return Ok(());
+            }
+            Err(DeviceError::State(e)) => {
+                self.fail(format!("frontend state: {e}"));
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if self.failure.is_some() || self.gone {
+            return Ok(());
+        }
+        match react(self.state, front) {
+            Reaction::None => {}
+            Reaction::Connect => match self.connect(false) {
+                Ok(()) => {
+                    self.set_state(BackendState::Xenbus(XenbusState::Connected))?;
+                    log::info!(
+                        "{}: connected (ring of {} entries, port {:?})",
+                        self.paths.backend,
+                        self.conn.as_ref().map(|c| c.ring.size()).unwrap_or(0),
+                        self.local_port()
+                    );
+                    self.serve()?;
+                }
+                Err(e @ (VbdError::Device(DeviceError::Xenstore { .. }) | VbdError::Poll(_))) => {
+                    return Err(e)
+                }
+                Err(e) => self.fail(format!("connecting: {e}")),
+            },
+            Reaction::Close => {
+                self.disconnect();
+                if self.state != BackendState::Xenbus(XenbusState::Closing)
+                    && self.state != BackendState::Xenbus(XenbusState::Closed)
+                {
+                    self.set_state(BackendState::Xenbus(XenbusState::Closing))?;
+                }
+                if front == XenbusState::Closed
+                    && self.state == BackendState::Xenbus(XenbusState::Closing)
+                {
+                    self.set_state(BackendState::Xenbus(XenbusState::Closed))?;
+                }
+            }
+            Reaction::Reinitialise => {
+                if self
+                    .state
+                    .check_transition(BackendState::Xenbus(XenbusState::InitWait))
+                    .is_ok()
+                {
+                    self.set_state(BackendState::Xenbus(XenbusState::InitWait))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the frontend's ring references and event channel, maps the ring and binds the
+    /// channel. `attach`: take the ring at its current indexes.
+    fn connect(&mut self, attach: bool) -> Result<(), VbdError> {
+        let unsupported = |what: String| VbdError::Unsupported {
+            domid: self.paths.domid,
+            devid: self.paths.devid,
+            what,
+        };
+        let xs = self.xs.as_ref();
+        if let Some(p) = device::read_front(xs, &self.paths, "protocol")? {
+            if p != PROTOCOL_X86_64 {
+                return Err(unsupported(format!("protocol {p:?}")));
+            }
+        }
+        let refs: Vec<GrantRef> = match device::read_front(xs, &self.paths, "ring-page-order")? {
+            None => vec![device::read_front_u32(xs, &self.paths, "ring-ref")?],
+            Some(_) => {
+                let order = device::read_front_u32(xs, &self.paths, "ring-page-order")?;
+                if order > MAX_RING_PAGE_ORDER {
+                    return Err(unsupported(format!(
+                        "ring-page-order {order}, max-ring-page-order is {MAX_RING_PAGE_ORDER}"
+                    )));
+                }
+                (0..1u32 << order)
+                    .map(|i| device::read_front_u32(xs, &self.paths, &format!("ring-ref{i}")))
+                    .collect::<Result<_, _>>()?
+            }
+        };
+        let remote_port = device::read_front_u32(xs, &self.paths, "event-channel")?;
+        let mapping = self
+            .gnttab
+            .map_grant_refs(self.paths.domid, &refs, true)
+            .map_err(|e| self.hv_err(format!("mapping ring grants {refs:?}"), e))?;
+        let ring = if attach {
+            BackRing::attach(mapping, ENTRY_SIZE)
+        } else {
+            BackRing::new(mapping, ENTRY_SIZE)
+        }
+        .map_err(|source| VbdError::Ring {
+            domid: self.paths.domid,
+            devid: self.paths.devid,
+            source,
+        })?;
+        let port = self
+            .evtchn
+            .bind_interdomain(self.paths.domid, remote_port)
+            .map_err(|e| self.hv_err(format!("binding event channel {remote_port}"), e))?;
+        self.conn = Some(Conn { ring, port });
+        self.stats.connects += 1;
+        Ok(())
+    }
+
+    fn disconnect(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if let Err(e) = self.evtchn.unbind(conn.port) {
+                log::warn!("{}: unbinding port {}: {e}", self.paths.backend, conn.port);
+            }
+            // dropping the ring unmaps it
+        }
+    }
+
+    /// Ends the device after a protocol error: logged once, published, ring unmapped.
+    fn fail(&mut self, why: String) {
+        if self.failure.is_some() {
+            return;
+        }
+        log::warn!(
+            "{}: guest {} broke the protocol, device closed: {why}",
+            self.paths.backend,
+            self.paths.domid
+        );
+        self.disconnect();
+        if let Err(e) = device::write_back(self.xs.as_ref(), &self.paths, ERROR_NODE, &why) {
+            log::warn!("{}: {e}", self.paths.backend);
+        }
+        for to in [XenbusState::Closing, XenbusState::Closed] {
+            let to = BackendState::Xenbus(to);
+            if self.state != to {
+                if let Err(e) = self.set_state(to) {
+                    log::warn!("{}: {e}", self.paths.backend);
+                }
+            }
+        }
+        self.failure = Some(why);
+    }
+
+    /// Serves every queued request, publishes the responses, notifies the frontend if it
+    /// asked, and re-arms `req_event` (RING_FINAL_CHECK_FOR_REQUESTS).
+    fn serve(&mut self) -> Result<(), VbdError> {
+        let Some(mut conn) = self.conn.take() else {
+            return Ok(());
+        };
+        let result = self.serve_conn(&mut conn);
+        match result {
+            Ok(()) => {
+                self.conn = Some(conn);
+                Ok(())
+            }
+            Err(VbdError::Ring {
+                source: source @ (RingError::Overflow { .. } | RingError::Access(_)),
+                ..
+            }) => {
+                self.conn = Some(conn);
+                self.fail(source.to_string());
+                Ok(())
+            }
+            Err(e) => {
+                self.conn = Some(conn);
+                Err(e)
+            }
+        }
+    }
+
+    fn serve_conn(&mut self, conn: &mut Conn) -> Result<(), VbdError> {
+        let (domid, devid) = (self.paths.domid, self.paths.devid);
+        let ring_err = move |source| VbdError::Ring {
+            domid,
+            devid,
+            source,
+        };
+        loop {
+            let n = conn.ring.unconsumed().map_err(ring_err)?;
+            for _ in 0..n {
+                let mut entry = [0u8; ENTRY_SIZE];
+                conn.ring.take_request(&mut entry).map_err(ring_err)?;
+                let rsp = self.handle(&entry);
+                conn.ring.put_response(rsp.as_bytes()).map_err(ring_err)?;
+                self.stats.requests += 1;
+            }
+            if conn.ring.push_responses().map_err(ring_err)? {
+                self.evtchn
+                    .notify(conn.port)
+                    .map_err(|e| self.hv_err(format!("notifying port {}", conn.port), e))?;
+                self.stats.notifies += 1;
+            }
+            if !conn.ring.final_check().map_err(ring_err)? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn bad_request(&mut self, msg: std::fmt::Arguments<'_>) {
+        self.stats.errors += 1;
+        self.bad_logged += 1;
+        if self.bad_logged <= LOGGED_BAD_REQUESTS {
+            log::warn!("{}: {msg}", self.paths.backend);
+            if self.bad_logged == LOGGED_BAD_REQUESTS {
+                log::warn!(
+                    "{}: further bad requests of this device are logged at debug level",
+                    self.paths.backend
+                );
+            }
+        } else {
+            log::debug!("{}: {msg}", self.paths.backend);
+        }
+    }
+
+    /// Serves one request (a private copy of its ring entry) and builds its response.
+    fn handle(&mut self, entry: &[u8; ENTRY_SIZE]) -> BlkifResponse {
+        let raw_id = u64::from_le_bytes([
+            entry[8], entry[9], entry[10], entry[11], entry[12], entry[13], entry[14], entry[15],
+        ]);
+        let req = match parse_request(entry, &self.limits) {
+            Ok(r) => r,
+            Err(e) => {
+                self.bad_request(format_args!("refused request: {e}"));
+                return BlkifResponse::new(raw_id, entry[0], e.status());
+            }
+        };
+        let (id, op) = (req.id(), req.operation());
+        let status = match self.execute(req) {
+            Ok(()) => BLKIF_RSP_OKAY,
+            Err(e) => {
+                self.bad_request(format_args!("request {id:#x} (op {op}) failed: {e}"));
+                BLKIF_RSP_ERROR
+            }
+        };
+        BlkifResponse::new(id, op, status)
+    }
+
+    fn execute(&mut self, req: Request) -> Result<(), RequestError> {
+        match req {
+            Request::Rw {
+                dir,
+                sector,
+                segments,
+                flush,
+                ..
+            } => {
+                self.transfer(dir, sector, &segments)?;
+                if flush {
+                    self.disk.flush()?;
+                    self.stats.flushes += 1;
+                }
+                Ok(())
+            }
+            Request::Flush { .. } => {
+                self.disk.flush()?;
+                self.stats.flushes += 1;
+                Ok(())
+            }
+            Request::Discard {
+                sector, nr_sectors, ..
+            } => {
+                self.disk
+                    .discard(sector * SECTOR_SIZE, nr_sectors * SECTOR_SIZE)?;
+                self.stats.discards += 1;
+                Ok(())
+            }
+            Request::Indirect {
+                id,
+                dir,
+                sector,
+                nr_segments,
+                indirect_grefs,
+            } => {
+                let pages = self
+                    .gnttab
+                    .map_grant_refs(self.paths.domid, &indirect_grefs, false)?;
+                let mut desc = vec![0u8; nr_segments * SEGMENT_SIZE];
+                pages.read(0, &mut desc)?;
+                drop(pages);
+                let segments =
+                    parse_indirect_segments(id, sector, nr_segments, &desc, &self.limits)?;
+                self.transfer(dir, sector, &segments)
+            }
+        }
+    }
+
+    /// Moves the data of validated segments between the disk and the guest's pages, mapped
+    /// in one batch (writable only for reads into the guest).
+    fn transfer(
+        &mut self,
+        dir: Direction,
+        sector: u64,
+        segments: &[Segment],
+    ) -> Result<(), RequestError> {
+        let refs: Vec<GrantRef> = segments.iter().map(|s| s.gref).collect();
+        let mapping: Box<dyn GrantMapping> =
+            self.gnttab
+                .map_grant_refs(self.paths.domid, &refs, dir == Direction::Read)?;
+        let total = blkif::total_sectors(segments) as usize * SECTOR_SIZE as usize;
+        self.buf.resize(total, 0);
+        let offset = sector * SECTOR_SIZE;
+        match dir {
+            Direction::Write => {
+                let mut pos = 0;
+                for (i, s) in segments.iter().enumerate() {
+                    mapping.read(
+                        i * PAGE_SIZE + s.page_offset(),
+                        &mut self.buf[pos..pos + s.len()],
+                    )?;
+                    pos += s.len();
+                }
+                self.disk.write_at(offset, &self.buf[..total])?;
+                self.stats.write_bytes += total as u64;
+            }
+            Direction::Read => {
+                self.disk.read_at(offset, &mut self.buf[..total])?;
+                let mut pos = 0;
+                for (i, s) in segments.iter().enumerate() {
+                    mapping.write(
+                        i * PAGE_SIZE + s.page_offset(),
+                        &self.buf[pos..pos + s.len()],
+                    )?;
+                    pos += s.len();
+                }
+                self.stats.read_bytes += total as u64;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Vbd<'_> {
+    fn drop(&mut self) {
+        self.disconnect();
+    }
+}
+
+/// Why one request failed (answered with `BLKIF_RSP_ERROR`; the device goes on).
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error(transparent)]
+    Request(#[from] blkif::BlkifError),
+    #[error("guest memory: {0}")]
+    Grant(#[from] HypervisorError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+}
