@@ -1,8 +1,9 @@
 //! `kemari`: the command-line tool of Kemari for Xen.
 //!
-//! Today it has only the `debug` commands, which talk to Xen directly (no daemon needed) and prove
-//! the FFI on a real dom0. Protection (`start`, `stop`, `status`, `failover`, ...) arrives with the
-//! sync engine and the control API.
+//! Today it has the `debug` commands, which talk to Xen directly (no daemon needed) and prove
+//! the FFI on a real dom0, and `replicate`/`receive`, which run the sync engine in the foreground
+//! (the lab's handle until the control API exists). Protection through the daemon (`start`,
+//! `stop`, `status`, `failover`, ...) arrives with the control API.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -21,8 +22,9 @@ mod sync_cmd;
 
 /// Kemari for Xen: fault tolerance for Xen 4.17 HVM and PVH guests.
 ///
-/// Status: only the `debug` commands exist so far. Guest protection (start/stop/status/failover)
-/// is not implemented yet.
+/// Status: the `debug` commands, and `replicate`/`receive` (the sync engine in the foreground,
+/// until the control API exists). Protection through the daemon (start/stop/status/failover) is
+/// not implemented yet.
 #[derive(Parser, Debug)]
 #[command(name = "kemari", version, about, long_about)]
 struct Cli {

@@ -859,3 +859,89 @@ fn pv_guests_are_refused() {
     assert!(matches!(err, SendError::NotProtectable { .. }), "{err}");
     assert_eq!(xen.log_dirty_enabled(dom), Some(false));
 }
+
+/// A secondary that reads everything but never ACKs a checkpoint: the sender gives up after
+/// its ACK timeout with the guest running and log-dirty off.
+#[test]
+fn missing_ack_times_out_with_the_guest_running() {
+    let p = primary(true, 1);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let peer = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+        image::read_image(&mut r, &Limits::default(), &mut |_, _| Ok(())).unwrap();
+        Reply::Ack(checkpoint::Ack { seq: 0 })
+            .write(&mut s)
+            .unwrap();
+        // Read checkpoint 1 whole, then stay silent until the test is done.
+        checkpoint::CheckpointReader::new(Limits::default())
+            .read(&mut r, 1)
+            .unwrap();
+        let _ = done_rx.recv();
+    });
+    let stream = TcpStream::connect(addr).unwrap();
+    let o = SenderOptions {
+        ack_timeout: Duration::from_millis(300),
+        ..opts()
+    };
+    let mut tx = Sender::new(&p.xen, p.dom, stream, o, None).unwrap();
+    tx.initial_sync(&config(true), &mut |_| {}).unwrap();
+    let mut hook = CountHook {
+        limit: Some(3),
+        hold: false,
+    };
+    let err = tx
+        .protect(&Triggers::new(Duration::from_millis(1)), &mut hook)
+        .unwrap_err();
+    assert!(matches!(err, SendError::AckTimeout { seq: 1, .. }), "{err}");
+    assert_eq!(p.xen.pause_count(p.dom), Some(0));
+    assert_eq!(p.xen.log_dirty_enabled(p.dom), Some(false));
+    done_tx.send(()).unwrap();
+    peer.join().unwrap();
+}
+
+/// Device state that fails on its `n`th save.
+struct FailingDevice {
+    n: u64,
+    saves: u64,
+}
+
+impl DeviceState for FailingDevice {
+    fn save(&mut self) -> Result<Vec<u8>, DeviceError> {
+        self.saves += 1;
+        if self.saves == self.n {
+            return Err("QMP socket closed".into());
+        }
+        Ok(vec![self.saves as u8])
+    }
+}
+
+/// The device model failing during checkpoint 2 ends protection with the guest running; the
+/// secondary stays at checkpoint 1 with checkpoint 1's device state.
+#[test]
+fn device_state_failure_ends_protection_with_the_guest_running() {
+    let p = primary(false, 1);
+    let sec = secondary("device", Limits::default());
+    let stream = TcpStream::connect(sec.addr).unwrap();
+    let device: Box<dyn DeviceState> = Box::new(FailingDevice { n: 3, saves: 0 });
+    let mut tx = Sender::new(&p.xen, p.dom, stream, opts(), Some(device)).unwrap();
+    tx.initial_sync(&config(false), &mut |_| {}).unwrap();
+    let mut hook = CountHook {
+        limit: Some(5),
+        hold: false,
+    };
+    let err = tx
+        .protect(&Triggers::new(Duration::from_millis(1)), &mut hook)
+        .unwrap_err();
+    assert!(matches!(err, SendError::Device { .. }), "{err}");
+    assert!(err.to_string().contains("QMP socket closed"), "{err}");
+    assert_eq!(p.xen.pause_count(p.dom), Some(0));
+    assert_eq!(p.xen.log_dirty_enabled(p.dom), Some(false));
+    drop(tx);
+    let session = sec.handle.join().unwrap().unwrap();
+    assert_eq!(session.acked, Some(1));
+    assert_eq!(session.staged.unwrap().emulator_state, Some(vec![2]));
+    let _ = std::fs::remove_dir_all(&sec.spool);
+}
