@@ -264,6 +264,8 @@ pub struct Sender<'a> {
     domid: DomId,
     opts: SenderOptions,
     device: Option<Box<dyn DeviceState + 'a>>,
+    /// The device model was stopped by a save and not resumed yet.
+    device_stopped: bool,
     out: Counting<BufWriter<TcpStream>>,
     replies: TcpStream,
     bitmap: DirtyBitmap,
@@ -325,6 +327,7 @@ impl<'a> Sender<'a> {
             domid,
             opts,
             device,
+            device_stopped: false,
             out: Counting::new(BufWriter::with_capacity(1 << 20, stream)),
             replies,
             bitmap: DirtyBitmap::new(0),
@@ -416,17 +419,22 @@ impl<'a> Sender<'a> {
         let domid = self.domid;
         match self.device.as_mut() {
             None => Ok(None),
-            Some(d) => d.save().map(Some).map_err(|source| SendError::Device {
-                domid,
-                step: "saving device state",
-                source,
-            }),
+            Some(d) => {
+                // A failed save may have stopped the device model too: resume it on cleanup.
+                self.device_stopped = true;
+                d.save().map(Some).map_err(|source| SendError::Device {
+                    domid,
+                    step: "saving device state",
+                    source,
+                })
+            }
         }
     }
 
     fn device_resumed(&mut self) -> Result<(), SendError> {
         let domid = self.domid;
         if let Some(d) = self.device.as_mut() {
+            self.device_stopped = false;
             d.resumed().map_err(|source| SendError::Device {
                 domid,
                 step: "resuming the device model",
@@ -434,6 +442,23 @@ impl<'a> Sender<'a> {
             })?;
         }
         Ok(())
+    }
+
+    /// After an error: the guest runs again (its pause guard is gone), so its device model
+    /// must run too (best effort, logged), and log-dirty goes off.
+    fn cleanup_after_error(&mut self) {
+        if self.device_stopped {
+            self.device_stopped = false;
+            if let Some(d) = self.device.as_mut() {
+                if let Err(e) = d.resumed() {
+                    log::error!(
+                        "domain {}: resuming the device model after an error: {e}",
+                        self.domid
+                    );
+                }
+            }
+        }
+        self.stop_log_dirty();
     }
 
     /// Turns log-dirty off (best effort, logged).
@@ -486,7 +511,7 @@ impl<'a> Sender<'a> {
     ) -> Result<InitialStats, SendError> {
         let r = self.initial_sync_inner(config_json, progress);
         if r.is_err() {
-            self.stop_log_dirty();
+            self.cleanup_after_error();
         }
         r
     }
@@ -740,7 +765,7 @@ impl<'a> Sender<'a> {
                     self.stats.add_coalesced(coalesced);
                     match self.checkpoint(reasons, coalesced, hook) {
                         Err(e) => {
-                            self.stop_log_dirty();
+                            self.cleanup_after_error();
                             return Err(e);
                         }
                         Ok((action, held_paused)) => {

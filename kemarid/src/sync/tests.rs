@@ -906,6 +906,7 @@ fn missing_ack_times_out_with_the_guest_running() {
 struct FailingDevice {
     n: u64,
     saves: u64,
+    resumes: Arc<AtomicU64>,
 }
 
 impl DeviceState for FailingDevice {
@@ -916,6 +917,11 @@ impl DeviceState for FailingDevice {
         }
         Ok(vec![self.saves as u8])
     }
+
+    fn resumed(&mut self) -> Result<(), DeviceError> {
+        self.resumes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 /// The device model failing during checkpoint 2 ends protection with the guest running; the
@@ -925,7 +931,12 @@ fn device_state_failure_ends_protection_with_the_guest_running() {
     let p = primary(false, 1);
     let sec = secondary("device", Limits::default());
     let stream = TcpStream::connect(sec.addr).unwrap();
-    let device: Box<dyn DeviceState> = Box::new(FailingDevice { n: 3, saves: 0 });
+    let resumes = Arc::new(AtomicU64::new(0));
+    let device: Box<dyn DeviceState> = Box::new(FailingDevice {
+        n: 3,
+        saves: 0,
+        resumes: resumes.clone(),
+    });
     let mut tx = Sender::new(&p.xen, p.dom, stream, opts(), Some(device)).unwrap();
     tx.initial_sync(&config(false), &mut |_| {}).unwrap();
     let mut hook = CountHook {
@@ -937,6 +948,8 @@ fn device_state_failure_ends_protection_with_the_guest_running() {
         .unwrap_err();
     assert!(matches!(err, SendError::Device { .. }), "{err}");
     assert!(err.to_string().contains("QMP socket closed"), "{err}");
+    // Resumed after the image, after checkpoint 1, and after the failed save of checkpoint 2.
+    assert_eq!(resumes.load(Ordering::SeqCst), 3);
     assert_eq!(p.xen.pause_count(p.dom), Some(0));
     assert_eq!(p.xen.log_dirty_enabled(p.dom), Some(false));
     drop(tx);
