@@ -67,6 +67,15 @@ pub enum ReceiveError {
         #[source]
         source: CheckpointError,
     },
+    /// The ACK could not be sent (the replica holds `seq`; the primary will not know it).
+    #[error("sending the ACK of {seq}: {source}")]
+    Reply {
+        /// The sequence number ACKed.
+        seq: u64,
+        /// Why.
+        #[source]
+        source: CheckpointError,
+    },
     /// A checkpoint decoded but carries an invalid HVM context.
     #[error("checkpoint {seq} discarded, replica stays at {}: HVM context: {source}", seq - 1)]
     Context {
@@ -348,7 +357,7 @@ impl<'a> Receiver<'a> {
         session.staged = Some(staged);
         Reply::Ack(Ack { seq: 0 })
             .write(&mut replies)
-            .map_err(|source| ReceiveError::Checkpoint { seq: 1, source })?;
+            .map_err(|source| ReceiveError::Reply { seq: 0, source })?;
         session.acked = Some(0);
 
         let reader = CheckpointReader::new(self.opts.limits);
@@ -375,7 +384,7 @@ impl<'a> Receiver<'a> {
             }
             Reply::Ack(Ack { seq })
                 .write(&mut replies)
-                .map_err(|source| ReceiveError::Checkpoint { seq, source })?;
+                .map_err(|source| ReceiveError::Reply { seq, source })?;
             session.acked = Some(seq);
             seq += 1;
         }
