@@ -550,6 +550,12 @@ impl QmpDeviceModel {
 
     /// Loads `state` into the device model (`xen-load-devices-state`). The temporary file is
     /// removed on every path.
+    ///
+    /// Caution, found in the lab: Debian bookworm's QEMU 7.2 (`qemu-system-xen`) aborts
+    /// (`yank_unregister_instance: Assertion 'entry' failed`) when this command runs on a QEMU
+    /// that was not started for an incoming migration: its cleanup unregisters a migration
+    /// yank instance that only an incoming migration registers. Only use it on a device model
+    /// started to receive state (as COLO's secondary is).
     pub fn load(&self, state: &[u8]) -> Result<(), QmpError> {
         let path = self.temp_path("load");
         let _cleanup = RemoveOnDrop(&path);
