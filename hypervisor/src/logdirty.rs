@@ -170,6 +170,18 @@ pub trait LogDirty: Send + Sync {
     /// `maximum_gpfn + 1`; dirty pages beyond it stay dirty in Xen. `EINVAL` if log-dirty is off.
     fn log_dirty_clean(&self, domid: DomId, bitmap: &mut DirtyBitmap) -> Result<LogDirtyStats>;
 
+    /// As [`log_dirty_clean`](Self::log_dirty_clean), for a round taken with the domain paused
+    /// (`XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL`, as libxc's last save round): Xen first marks dirty
+    /// every guest page it keeps mapped writably itself (`vcpu_info`, runstate areas, FIFO
+    /// event-channel arrays: `hvm_mapped_guest_frames_mark_dirty`). Xen writes those pages
+    /// without logging them, even while the domain is paused (event delivery), so a checkpoint
+    /// harvested without this flag misses them.
+    fn log_dirty_clean_final(
+        &self,
+        domid: DomId,
+        bitmap: &mut DirtyBitmap,
+    ) -> Result<LogDirtyStats>;
+
     /// As [`log_dirty_clean`](Self::log_dirty_clean) without resetting
     /// (`XEN_DOMCTL_SHADOW_OP_PEEK`).
     fn log_dirty_peek(&self, domid: DomId, bitmap: &mut DirtyBitmap) -> Result<LogDirtyStats>;

@@ -32,8 +32,8 @@ use zerocopy::IntoBytes;
 
 use crate::blkif::{
     self, parse_indirect_segments, parse_request, BlkifResponse, Direction, DiskLimits, Request,
-    Segment, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, ENTRY_SIZE, MAX_INDIRECT_SEGMENTS, SECTOR_SIZE,
-    SEGMENT_SIZE, VDISK_READONLY,
+    Segment, BLKIF_OP_INDIRECT, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, ENTRY_SIZE, MAX_INDIRECT_SEGMENTS,
+    SECTOR_SIZE, SEGMENT_SIZE, VDISK_READONLY,
 };
 use crate::device::{self, DeviceError, DevicePaths};
 use crate::disk::{Disk, DiskError};
@@ -711,7 +711,14 @@ impl<'h> Vbd<'h> {
             Ok(r) => r,
             Err(e) => {
                 self.bad_request(format_args!("refused request: {e}"));
-                return BlkifResponse::new(raw_id, entry[0], e.status());
+                // blkfront matches the response's operation against what it queued: for an
+                // indirect request that is the inner operation
+                let op = if entry[0] == BLKIF_OP_INDIRECT {
+                    entry[1]
+                } else {
+                    entry[0]
+                };
+                return BlkifResponse::new(raw_id, op, e.status());
             }
         };
         let (id, op) = (req.id(), req.operation());
@@ -757,6 +764,7 @@ impl<'h> Vbd<'h> {
             Request::Indirect {
                 id,
                 dir,
+                indirect_op: _,
                 sector,
                 nr_segments,
                 indirect_grefs,

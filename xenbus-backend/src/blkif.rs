@@ -356,6 +356,9 @@ pub enum Request {
     Indirect {
         /// The cookie.
         id: u64,
+        /// The inner operation (`BLKIF_OP_READ`/`WRITE`), which the response echoes (blkfront
+        /// checks it against the operation it queued, not `BLKIF_OP_INDIRECT`).
+        indirect_op: u8,
         /// Transfer direction.
         dir: Direction,
         /// First disk sector.
@@ -383,7 +386,7 @@ impl Request {
         match self {
             Request::Rw { operation, .. } | Request::Flush { operation, .. } => *operation,
             Request::Discard { .. } => BLKIF_OP_DISCARD,
-            Request::Indirect { .. } => BLKIF_OP_INDIRECT,
+            Request::Indirect { indirect_op, .. } => *indirect_op,
         }
     }
 }
@@ -512,6 +515,7 @@ pub fn parse_request(entry: &[u8; ENTRY_SIZE], disk: &DiskLimits) -> Result<Requ
             let indirect_grefs = r.indirect_grefs[..pages].iter().map(|g| g.get()).collect();
             Ok(Request::Indirect {
                 id,
+                indirect_op: r.indirect_op,
                 dir,
                 sector: r.sector_number.get(),
                 nr_segments: nr,

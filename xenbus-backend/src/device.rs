@@ -239,10 +239,22 @@ pub fn remove_nodes(xs: &dyn XenStore, paths: &DevicePaths) -> Result<(), Device
         }
     }
     match xs.rm(Tx::NONE, &paths.backend) {
-        Ok(()) => Ok(()),
-        Err(e) if e.errno() == Some(hypervisor::Errno::ENOENT) => Ok(()),
-        Err(e) => Err(xs_err(format!("removing {}", paths.backend))(e)),
+        Ok(()) => {}
+        Err(e) if e.errno() == Some(hypervisor::Errno::ENOENT) => {}
+        Err(e) => return Err(xs_err(format!("removing {}", paths.backend))(e)),
     }
+    // the guest's directory under the backend type, once its last device is gone (checked and
+    // removed in one transaction, so a device another process adds meanwhile stays)
+    let Some((domain_dir, _)) = paths.backend.rsplit_once('/') else {
+        return Ok(());
+    };
+    with_transaction(xs, TX_ATTEMPTS, |tx| match xs.directory(tx, domain_dir) {
+        Ok(children) if children.is_empty() => xs.rm(tx, domain_dir),
+        Ok(_) => Ok(()),
+        Err(e) if e.errno() == Some(hypervisor::Errno::ENOENT) => Ok(()),
+        Err(e) => Err(e),
+    })
+    .map_err(xs_err(format!("removing {domain_dir}")))
 }
 
 /// Publishes a backend state change (checked): the guest-visible `state` and the private

@@ -429,7 +429,7 @@ fn multi_page_ring_and_indirect_descriptors() {
     let rsp = f.responses();
     assert_eq!(
         (rsp[0].id.get(), rsp[0].operation, rsp[0].status.get()),
-        (0x99, BLKIF_OP_INDIRECT, 0)
+        (0x99, BLKIF_OP_READ, 0)
     );
     for i in 0..20u64 {
         assert!(
@@ -448,7 +448,21 @@ fn multi_page_ring_and_indirect_descriptors() {
     f.push(ind.as_bytes());
     f.kick();
     poll(&mut v);
-    assert_eq!(f.responses()[0].status.get(), BLKIF_RSP_ERROR);
+    let rsp = f.responses();
+    assert_eq!(
+        (rsp[0].operation, rsp[0].status.get()),
+        (BLKIF_OP_READ, BLKIF_RSP_ERROR)
+    );
+    // a refused indirect request also echoes its inner operation
+    ind.nr_segments = U16::new(0);
+    f.push(ind.as_bytes());
+    f.kick();
+    poll(&mut v);
+    let rsp = f.responses();
+    assert_eq!(
+        (rsp[0].operation, rsp[0].status.get()),
+        (BLKIF_OP_READ, BLKIF_RSP_ERROR)
+    );
     assert_eq!(
         s.host.grant_map_count(s.domid),
         4,
@@ -634,6 +648,14 @@ fn guest_destroyed_ends_the_device_and_run_cleans_up() {
     assert!(
         xs.read(Tx::NONE, &back).is_err(),
         "backend directory removed"
+    );
+    assert!(
+        xs.read(
+            Tx::NONE,
+            &format!("/local/domain/0/backend/kemari-vbd/{}", s.domid)
+        )
+        .is_err(),
+        "and the guest's directory under kemari-vbd, now empty"
     );
 }
 

@@ -159,6 +159,37 @@ impl MemGuest {
         })
     }
 
+    /// Writes `data` at `offset` of page `pfn` the way Xen writes a guest page it keeps mapped
+    /// itself (`vcpu_info`, runstate area, FIFO event arrays): also while the domain is paused
+    /// (event delivery), and **not** logged dirty; only a final-round harvest
+    /// ([`LogDirty::log_dirty_clean_final`](crate::LogDirty::log_dirty_clean_final)) reports
+    /// such pages, every time, from the first such write on.
+    pub fn xen_write(
+        &self,
+        pfn: Pfn,
+        offset: usize,
+        data: &[u8],
+    ) -> std::result::Result<(), GuestError> {
+        let domid = self.domid;
+        if !matches!(offset.checked_add(data.len()), Some(end) if end <= PAGE_SIZE) {
+            return Err(GuestError::OutsidePage {
+                offset,
+                len: data.len(),
+            });
+        }
+        let mut host = lock(&self.shared.host);
+        let dom = host
+            .domains
+            .get_mut(&domid)
+            .ok_or(GuestError::NoSuchDomain { domid })?;
+        let page = dom
+            .page(pfn)
+            .ok_or(GuestError::Unpopulated { domid, pfn })?;
+        lock(&page)[offset..offset + data.len()].copy_from_slice(data);
+        dom.xen_mapped.insert(pfn);
+        Ok(())
+    }
+
     /// Writes a whole page.
     pub fn write_page(
         &self,

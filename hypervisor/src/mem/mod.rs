@@ -180,6 +180,9 @@ pub(crate) struct Domain {
     pub(crate) next_gref: GrantRef,
     /// Snapshot calls (memory, contexts, dirty harvest) made while the domain was running.
     pub(crate) unpaused_snapshots: u64,
+    /// Pages "Xen" keeps mapped writably and writes without logging them
+    /// ([`MemGuest::xen_write`]); a final-round harvest marks them dirty.
+    pub(crate) xen_mapped: BTreeSet<Pfn>,
 }
 
 impl Domain {
@@ -437,6 +440,7 @@ impl MemXen {
                 grants: BTreeMap::new(),
                 next_gref: FIRST_GUEST_GREF,
                 unpaused_snapshots: 0,
+                xen_mapped: BTreeSet::new(),
             },
         );
         let shared = Arc::new(Shared {
@@ -496,6 +500,7 @@ impl MemXen {
                     grants: BTreeMap::new(),
                     next_gref: FIRST_GUEST_GREF,
                     unpaused_snapshots: 0,
+                    xen_mapped: BTreeSet::new(),
                 },
             );
             domid
@@ -835,11 +840,17 @@ impl MemXen {
         domid: DomId,
         bitmap: &mut DirtyBitmap,
         reset: bool,
+        final_round: bool,
     ) -> Result<LogDirtyStats> {
         self.shared.fault_dom(op, domid)?;
         let mut host = lock(&self.shared.host);
         let dom = host.domain(op, domid)?;
         dom.note_snapshot(op, domid);
+        let xen_mapped: Vec<Pfn> = if final_round {
+            dom.xen_mapped.iter().copied().collect()
+        } else {
+            Vec::new()
+        };
         let Some(ld) = dom.log_dirty.as_mut() else {
             return Err(HypervisorError::Domain {
                 op,
@@ -847,6 +858,7 @@ impl MemXen {
                 errno: Errno::EINVAL,
             });
         };
+        ld.dirty.extend(xen_mapped);
         bitmap.clear();
         let limit = bitmap.nr_pages();
         let covered: Vec<Pfn> = ld.dirty.range(..limit).copied().collect();
@@ -885,11 +897,21 @@ impl LogDirty for MemXen {
     }
 
     fn log_dirty_clean(&self, domid: DomId, bitmap: &mut DirtyBitmap) -> Result<LogDirtyStats> {
-        self.log_dirty_harvest(Method::LogDirtyClean, domid, bitmap, true)
+        self.log_dirty_harvest(Method::LogDirtyClean, domid, bitmap, true, false)
+    }
+
+    /// Marks the pages written through [`MemGuest::xen_write`] dirty first (consulted and
+    /// logged as [`Method::LogDirtyClean`], the same hypercall).
+    fn log_dirty_clean_final(
+        &self,
+        domid: DomId,
+        bitmap: &mut DirtyBitmap,
+    ) -> Result<LogDirtyStats> {
+        self.log_dirty_harvest(Method::LogDirtyClean, domid, bitmap, true, true)
     }
 
     fn log_dirty_peek(&self, domid: DomId, bitmap: &mut DirtyBitmap) -> Result<LogDirtyStats> {
-        self.log_dirty_harvest(Method::LogDirtyPeek, domid, bitmap, false)
+        self.log_dirty_harvest(Method::LogDirtyPeek, domid, bitmap, false, false)
     }
 
     fn log_dirty_disable(&self, domid: DomId) -> Result<()> {

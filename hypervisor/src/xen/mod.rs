@@ -253,7 +253,13 @@ impl XenHost {
 
     /// Runs a log-dirty CLEAN or PEEK into `bitmap` through this domain's cached
     /// hypercall buffer (reallocated when the bitmap size changes).
-    fn harvest(&self, op: Method, domid: DomId, bitmap: &mut DirtyBitmap) -> Result<LogDirtyStats> {
+    fn harvest(
+        &self,
+        op: Method,
+        domid: DomId,
+        bitmap: &mut DirtyBitmap,
+        final_round: bool,
+    ) -> Result<LogDirtyStats> {
         let pages = bitmap.nr_pages();
         let cached = lock(&self.dirty_buffers).remove(&domid);
         let mut buf = match cached {
@@ -264,7 +270,8 @@ impl XenHost {
                 .map_err(|e| errors::xc_domain(op, domid, e))?,
         };
         let r = if op == Method::LogDirtyClean {
-            self.xc.logdirty_clean(u32::from(domid), &mut buf, false)
+            self.xc
+                .logdirty_clean(u32::from(domid), &mut buf, final_round)
         } else {
             self.xc.logdirty_peek(u32::from(domid), &mut buf)
         };
@@ -453,11 +460,20 @@ impl LogDirty for XenHost {
     }
 
     fn log_dirty_clean(&self, domid: DomId, bitmap: &mut DirtyBitmap) -> Result<LogDirtyStats> {
-        self.harvest(Method::LogDirtyClean, domid, bitmap)
+        self.harvest(Method::LogDirtyClean, domid, bitmap, false)
+    }
+
+    /// `XEN_DOMCTL_SHADOW_OP_CLEAN` with `XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL`.
+    fn log_dirty_clean_final(
+        &self,
+        domid: DomId,
+        bitmap: &mut DirtyBitmap,
+    ) -> Result<LogDirtyStats> {
+        self.harvest(Method::LogDirtyClean, domid, bitmap, true)
     }
 
     fn log_dirty_peek(&self, domid: DomId, bitmap: &mut DirtyBitmap) -> Result<LogDirtyStats> {
-        self.harvest(Method::LogDirtyPeek, domid, bitmap)
+        self.harvest(Method::LogDirtyPeek, domid, bitmap, false)
     }
 
     fn log_dirty_disable(&self, domid: DomId) -> Result<()> {

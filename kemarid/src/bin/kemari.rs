@@ -17,6 +17,8 @@ use kemarid::qmp::QmpDeviceModel;
 use kemarid::xltool::XlTool;
 use kemarid::{domconfig, xlsave};
 
+#[path = "kemari/attach_cmd.rs"]
+mod attach_cmd;
 #[path = "kemari/sync_cmd.rs"]
 mod sync_cmd;
 
@@ -44,6 +46,10 @@ enum Command {
     Debug(DebugCommand),
     #[command(flatten)]
     Sync(sync_cmd::SyncCommand),
+    /// Serve a disk image to a guest with Kemari's userspace blkback (foreground): creates the
+    /// device nodes for a guest created paused without that disk (`xl create -p`), optionally
+    /// unpauses it, and serves until the guest is gone or SIGINT/SIGTERM (docs/backends.md).
+    Attach(attach_cmd::AttachArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -483,6 +489,9 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::Debug(cmd) => run_debug(cmd, cli.json),
         Command::Sync(cmd) => sync_cmd::run(cmd, cli.json),
+        Command::Attach(args) => {
+            open_host().and_then(|hv| attach_cmd::run(hv.as_ref(), args, cli.json))
+        }
     };
     match r {
         Ok(code) => code,
