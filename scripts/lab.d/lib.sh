@@ -308,9 +308,11 @@ lab_copy_out() {
 # lab_create_guest HOST TYPE NAME [options]: write an xl config and `xl create` it.
 #   TYPE: pvh | hvm.  Options: mem=MiB (default 128), disk=MiB (qdisk-backed raw file in dom0
 #   /var/lib/lab/NAME.img), net=1 (vif on xenbr0; guest address lab.ip=10.77.0.(100+n)), ip=A.B.C.D/24,
-#   extra='kernel args'. Sets LAB_CREATE_SECONDS.
+#   extra='kernel args', paused=1 (xl create -p: the guest stays paused, e.g. for kemari attach),
+#   diskspec='xl disk spec' (a disk line of its own instead of disk=MiB's qdisk). Sets
+#   LAB_CREATE_SECONDS.
 lab_create_guest() {
-  local h=$1 type=$2 name=$3 mem=128 disk=0 net=0 gip="" extra="" o
+  local h=$1 type=$2 name=$3 mem=128 disk=0 net=0 gip="" extra="" paused=0 diskspec="" o
   shift 3
   for o in "$@"; do
     case "$o" in
@@ -319,6 +321,8 @@ lab_create_guest() {
       net=*) net=${o#net=} ;;
       ip=*) gip=${o#ip=} ;;
       extra=*) extra=${o#extra=} ;;
+      paused=*) paused=${o#paused=} ;;
+      diskspec=*) diskspec=${o#diskspec=} ;;
       *) lab_say "lab_create_guest: unknown option '$o'"; return 2 ;;
     esac
   done
@@ -348,6 +352,7 @@ lab_create_guest() {
       echo 'nographic = 1'
     fi
     [ "$disk" = 0 ] || echo "disk = [ 'format=raw, vdev=xvda, access=rw, backendtype=qdisk, target=/var/lib/lab/$name.img' ]"
+    [ -z "$diskspec" ] || echo "disk = [ '$diskspec' ]"
     # MAC derived from the guest's name: a guest re-created under the same name (and address)
     # keeps its MAC, so neighbours' ARP caches stay right
     local c
@@ -362,7 +367,9 @@ lab_create_guest() {
   clog=$(lab_guest_console_file "$h" "$name")
   [ -e "$clog" ] && mv "$clog" "${clog%.log}.$(date +%H%M%S).log"
   t0=$(lab_now)
-  lab_run "$h" "${pre}xl create /share/guests/$name.cfg" 300 || { lab_say "xl create $name ($type) on $h failed"; return 1; }
+  local xlopt=""
+  [ "$paused" = 1 ] && xlopt="-p "
+  lab_run "$h" "${pre}xl create $xlopt/share/guests/$name.cfg" 300 || { lab_say "xl create $name ($type) on $h failed"; return 1; }
   LAB_CREATE_SECONDS=$(lab_since "$t0")
   lab_say "$h: created $type guest $name in $LAB_CREATE_SECONDS s"
 }
