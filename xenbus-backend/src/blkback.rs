@@ -11,8 +11,10 @@
 //! Offered to the frontend: read, write, flush (`feature-flush-cache`, also serving
 //! `BLKIF_OP_WRITE_BARRIER` without advertising it), discard on regular files
 //! (`feature-discard`), indirect descriptors up to [`MAX_INDIRECT_SEGMENTS`] segments
-//! (`feature-max-indirect-segments`), and multi-page rings up to
-//! 2^[`MAX_RING_PAGE_ORDER`] pages (`max-ring-page-order`). No persistent grants, one queue.
+//! (`feature-max-indirect-segments`), multi-page rings up to 2^[`MAX_RING_PAGE_ORDER`] pages
+//! (`max-ring-page-order`), and persistent grants (`feature-persistent`: pages the frontend
+//! reuses stay mapped, up to [`MAX_PERSISTENT_GRANTS`], until the device disconnects). One
+//! queue.
 //!
 //! Guest input is validated before use: a bad request (segment, sector range, grant the
 //! guest does not own, unknown operation) gets an error response and the device goes on; a
@@ -20,6 +22,7 @@
 //! device (state `Closed`, reason in the backend's `kemari-error` node), logged once. Nothing
 //! a guest does can panic the backend or make it touch memory outside its mappings.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -50,6 +53,9 @@ pub const MAX_RING_PAGE_ORDER: u32 = 2;
 pub const PROTOCOL_X86_64: &str = "x86_64-abi";
 /// Node where the reason a device failed is published.
 pub const ERROR_NODE: &str = "kemari-error";
+/// Persistent grant mappings kept per device (as Linux's blkback `max_persistent_grants`); a
+/// request whose pages do not fit is served with a one-off mapping.
+pub const MAX_PERSISTENT_GRANTS: usize = 1056;
 /// Bad requests logged per device at `warn` before the rest go to `debug`.
 const LOGGED_BAD_REQUESTS: u32 = 8;
 
@@ -159,6 +165,10 @@ pub struct VbdStats {
     pub notifies: u64,
     /// Times the frontend connected (or we attached).
     pub connects: u64,
+    /// Pages mapped once and kept (persistent grants), over the device's life.
+    pub persistent_maps: u64,
+    /// Requests served with a one-off mapping (no persistent grants, or the cache was full).
+    pub oneoff_maps: u64,
 }
 
 /// Where a device is.
@@ -187,6 +197,10 @@ pub struct Vbd<'h> {
     limits: DiskLimits,
     state: BackendState,
     conn: Option<Conn>,
+    /// Frontend and backend agreed on persistent grants for the current connection.
+    persistent: bool,
+    /// Persistent grant -> its writable one-page mapping.
+    pcache: HashMap<GrantRef, Box<dyn GrantMapping>>,
     stats: VbdStats,
     failure: Option<String>,
     gone: bool,
@@ -238,6 +252,8 @@ impl<'h> Vbd<'h> {
             limits,
             state: BackendState::Xenbus(XenbusState::Unknown),
             conn: None,
+            persistent: false,
+            pcache: HashMap::new(),
             stats: VbdStats::default(),
             failure: None,
             gone: false,
@@ -342,6 +358,7 @@ impl<'h> Vbd<'h> {
                 MAX_INDIRECT_SEGMENTS.to_string(),
             ),
             ("max-ring-page-order", MAX_RING_PAGE_ORDER.to_string()),
+            ("feature-persistent", "1".to_owned()),
         ];
         if self.limits.discard {
             v.push(("feature-discard", "1".to_owned()));
@@ -574,6 +591,9 @@ impl<'h> Vbd<'h> {
             }
         };
         let remote_port = device::read_front_u32(xs, &self.paths, "event-channel")?;
+        // blkfront writes feature-persistent=1 when it will reuse its grants
+        let persistent = device::read_front(xs, &self.paths, "feature-persistent")?
+            .is_some_and(|v| v.trim() == "1");
         let mapping = self
             .gnttab
             .map_grant_refs(self.paths.domid, &refs, true)
@@ -592,12 +612,16 @@ impl<'h> Vbd<'h> {
             .evtchn
             .bind_interdomain(self.paths.domid, remote_port)
             .map_err(|e| self.hv_err(format!("binding event channel {remote_port}"), e))?;
+        self.persistent = persistent;
         self.conn = Some(Conn { ring, port });
         self.stats.connects += 1;
         Ok(())
     }
 
     fn disconnect(&mut self) {
+        // persistent mappings end with the connection (dropping them unmaps)
+        self.pcache.clear();
+        self.persistent = false;
         if let Some(conn) = self.conn.take() {
             if let Err(e) = self.evtchn.unbind(conn.port) {
                 log::warn!("{}: unbinding port {}: {e}", self.paths.backend, conn.port);
@@ -769,12 +793,21 @@ impl<'h> Vbd<'h> {
                 nr_segments,
                 indirect_grefs,
             } => {
-                let pages = self
-                    .gnttab
-                    .map_grant_refs(self.paths.domid, &indirect_grefs, false)?;
                 let mut desc = vec![0u8; nr_segments * SEGMENT_SIZE];
-                pages.read(0, &mut desc)?;
-                drop(pages);
+                if self.cache_persistent(&indirect_grefs) {
+                    for (i, chunk) in desc.chunks_mut(PAGE_SIZE).enumerate() {
+                        let page = indirect_grefs
+                            .get(i)
+                            .and_then(|g| self.pcache.get(g))
+                            .ok_or(RequestError::Internal("indirect page not cached"))?;
+                        page.read(0, chunk)?;
+                    }
+                } else {
+                    let pages =
+                        self.gnttab
+                            .map_grant_refs(self.paths.domid, &indirect_grefs, false)?;
+                    pages.read(0, &mut desc)?;
+                }
                 let segments =
                     parse_indirect_segments(id, sector, nr_segments, &desc, &self.limits)?;
                 self.transfer(dir, sector, &segments)
@@ -791,9 +824,27 @@ impl<'h> Vbd<'h> {
         segments: &[Segment],
     ) -> Result<(), RequestError> {
         let refs: Vec<GrantRef> = segments.iter().map(|s| s.gref).collect();
-        let mapping: Box<dyn GrantMapping> =
-            self.gnttab
-                .map_grant_refs(self.paths.domid, &refs, dir == Direction::Read)?;
+        // persistent grants: each page has its own cached mapping; otherwise one batch mapping
+        // of all pages (writable only when data goes into the guest)
+        let batch: Option<Box<dyn GrantMapping>> = if self.cache_persistent(&refs) {
+            None
+        } else {
+            self.stats.oneoff_maps += 1;
+            Some(
+                self.gnttab
+                    .map_grant_refs(self.paths.domid, &refs, dir == Direction::Read)?,
+            )
+        };
+        let pcache = &self.pcache;
+        let page = |i: usize, s: &Segment| -> Result<(&dyn GrantMapping, usize), RequestError> {
+            match &batch {
+                Some(m) => Ok((m.as_ref(), i * PAGE_SIZE + s.page_offset())),
+                None => pcache
+                    .get(&s.gref)
+                    .map(|m| (m.as_ref(), s.page_offset()))
+                    .ok_or(RequestError::Internal("segment page not cached")),
+            }
+        };
         let total = blkif::total_sectors(segments) as usize * SECTOR_SIZE as usize;
         self.buf.resize(total, 0);
         let offset = sector * SECTOR_SIZE;
@@ -801,10 +852,8 @@ impl<'h> Vbd<'h> {
             Direction::Write => {
                 let mut pos = 0;
                 for (i, s) in segments.iter().enumerate() {
-                    mapping.read(
-                        i * PAGE_SIZE + s.page_offset(),
-                        &mut self.buf[pos..pos + s.len()],
-                    )?;
+                    let (m, at) = page(i, s)?;
+                    m.read(at, &mut self.buf[pos..pos + s.len()])?;
                     pos += s.len();
                 }
                 self.disk.write_at(offset, &self.buf[..total])?;
@@ -814,16 +863,57 @@ impl<'h> Vbd<'h> {
                 self.disk.read_at(offset, &mut self.buf[..total])?;
                 let mut pos = 0;
                 for (i, s) in segments.iter().enumerate() {
-                    mapping.write(
-                        i * PAGE_SIZE + s.page_offset(),
-                        &self.buf[pos..pos + s.len()],
-                    )?;
+                    let (m, at) = page(i, s)?;
+                    m.write(at, &self.buf[pos..pos + s.len()])?;
                     pos += s.len();
                 }
                 self.stats.read_bytes += total as u64;
             }
         }
         Ok(())
+    }
+}
+
+impl Vbd<'_> {
+    /// With persistent grants negotiated: makes sure every page of `refs` has a cached writable
+    /// mapping, mapping the new ones one by one. False (nothing cached for the missing ones)
+    /// when persistent grants are off, the cache would exceed [`MAX_PERSISTENT_GRANTS`], or a
+    /// page cannot be mapped writable (e.g. a read-only grant): the caller maps one-off.
+    fn cache_persistent(&mut self, refs: &[GrantRef]) -> bool {
+        if !self.persistent {
+            return false;
+        }
+        let mut missing: Vec<GrantRef> = refs
+            .iter()
+            .copied()
+            .filter(|r| !self.pcache.contains_key(r))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if self.pcache.len() + missing.len() > MAX_PERSISTENT_GRANTS {
+            return false;
+        }
+        for gref in missing {
+            match self.gnttab.map_grant_refs(self.paths.domid, &[gref], true) {
+                Ok(m) => {
+                    self.pcache.insert(gref, m);
+                    self.stats.persistent_maps += 1;
+                }
+                Err(e) => {
+                    log::debug!(
+                        "{}: grant {gref} not mapped persistently: {e}",
+                        self.paths.backend
+                    );
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Persistent mappings held now.
+    pub fn persistent_grants(&self) -> usize {
+        self.pcache.len()
     }
 }
 
@@ -842,4 +932,6 @@ enum RequestError {
     Grant(#[from] HypervisorError),
     #[error(transparent)]
     Disk(#[from] DiskError),
+    #[error("backend bug: {0}")]
+    Internal(&'static str),
 }

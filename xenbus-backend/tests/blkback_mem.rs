@@ -43,6 +43,17 @@ struct Front {
 impl Front {
     /// Sets the ring up and publishes it, as blkfront's talk_to_blkback.
     fn connect(host: &MemXen, domid: DomId, devid: u32, order: Option<u32>) -> Front {
+        Front::connect_with(host, domid, devid, order, false)
+    }
+
+    /// As `connect`; `persistent`: announce feature-persistent (grants reused).
+    fn connect_with(
+        host: &MemXen,
+        domid: DomId,
+        devid: u32,
+        order: Option<u32>,
+        persistent: bool,
+    ) -> Front {
         let g = host.guest(domid);
         let xs: Box<dyn XenStore> = Box::new(g.xenstore().unwrap());
         let dir = format!("/local/domain/{domid}/device/vbd/{devid}");
@@ -74,6 +85,9 @@ impl Front {
         }
         w("event-channel", port.to_string());
         w("protocol", "x86_64-abi".into());
+        if persistent {
+            w("feature-persistent", "1".into());
+        }
         w("state", "3".into());
         Front {
             g,
@@ -468,6 +482,64 @@ fn multi_page_ring_and_indirect_descriptors() {
         4,
         "only the 4 ring pages stay mapped"
     );
+}
+
+#[test]
+fn persistent_grants_stay_mapped_until_disconnect() {
+    let s = setup("persistent.img");
+    let mut v = vbd(&s, &s.img);
+    let mut f = Front::connect_with(&s.host, s.domid, 51712, None, true);
+    assert_eq!(poll(&mut v), CONNECTED);
+    assert_eq!(f.back_node("feature-persistent"), "1");
+    // blkfront grants its persistent pages read-write and reuses them
+    let g: Vec<_> = (0..4).map(|i| f.grant(DATA_PFN + i, false)).collect();
+    for round in 0..3u8 {
+        for i in 0..4u64 {
+            f.g.write_page(DATA_PFN + i, &pattern(round * 4 + i as u8))
+                .unwrap();
+        }
+        let segs: Vec<_> = g.iter().map(|r| (*r, 0, 7)).collect();
+        f.push(&rw(
+            BLKIF_OP_WRITE,
+            u64::from(round),
+            u64::from(round) * 32,
+            &segs,
+        ));
+        f.kick();
+        poll(&mut v);
+        assert_eq!(f.responses()[0].status.get(), 0);
+        // the same grants read back the first round's data
+        f.push(&rw(BLKIF_OP_READ, 100, 0, &segs));
+        f.kick();
+        poll(&mut v);
+        assert_eq!(f.responses()[0].status.get(), 0);
+        for i in 0..4u64 {
+            assert!(f.g.read_page(DATA_PFN + i).unwrap()[..] == pattern(i as u8)[..]);
+        }
+    }
+    let st = v.stats();
+    assert_eq!(
+        (st.persistent_maps, st.oneoff_maps),
+        (4, 0),
+        "mapped once, reused"
+    );
+    assert_eq!(v.persistent_grants(), 4);
+    assert_eq!(s.host.grant_map_count(s.domid), 1 + 4);
+    // the guest cannot take a page back while we hold it
+    assert!(f.g.end_access(g[0]).is_err());
+    // a read-only grant cannot be cached writable: served with a one-off mapping
+    let ro = f.grant(DATA_PFN + 9, true);
+    f.push(&rw(BLKIF_OP_WRITE, 7, 0, &[(ro, 0, 7)]));
+    f.kick();
+    poll(&mut v);
+    assert_eq!(f.responses()[0].status.get(), 0);
+    assert_eq!(v.stats().oneoff_maps, 1);
+    // disconnect unmaps everything
+    f.set_state(5);
+    poll(&mut v);
+    assert_eq!(s.host.grant_map_count(s.domid), 0);
+    assert_eq!(v.persistent_grants(), 0);
+    f.g.end_access(g[0]).unwrap();
 }
 
 #[test]

@@ -123,13 +123,15 @@ pub fn run(hv: &dyn Hypervisor, args: AttachArgs, json: bool) -> anyhow::Result<
             "errors": s.errors,
             "notifies": s.notifies,
             "connects": s.connects,
+            "persistent_maps": s.persistent_maps,
+            "oneoff_maps": s.oneoff_maps,
         });
         let mut out = std::io::stdout().lock();
         serde_json::to_writer(&mut out, &v)?;
         writeln!(out)?;
     } else {
         println!(
-            "kemari attach: domain {domid} {}: {status:?} after {secs:.1} s; {} requests, {} MiB read, {} MiB written, {} flushes, {} discards, {} errors, {} connects",
+            "kemari attach: domain {domid} {}: {status:?} after {secs:.1} s; {} requests, {} MiB read, {} MiB written, {} flushes, {} discards, {} errors, {} connects, {} pages mapped persistently, {} one-off mappings",
             args.vdev,
             s.requests,
             s.read_bytes >> 20,
@@ -137,7 +139,9 @@ pub fn run(hv: &dyn Hypervisor, args: AttachArgs, json: bool) -> anyhow::Result<
             s.flushes,
             s.discards,
             s.errors,
-            s.connects
+            s.connects,
+            s.persistent_maps,
+            s.oneoff_maps
         );
     }
     Ok(match status {
