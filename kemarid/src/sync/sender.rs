@@ -588,7 +588,7 @@ impl<'a> Sender<'a> {
         let mut last = DirtyBitmap::new(self.bitmap.nr_pages());
         self.xen(
             "harvesting dirty pages (final round)",
-            self.hv.log_dirty_clean(domid, &mut last),
+            self.hv.log_dirty_clean_final(domid, &mut last),
         )?;
         last.union_with(&carry);
         let pfns: Vec<Pfn> = last.iter().collect();
@@ -681,7 +681,8 @@ impl<'a> Sender<'a> {
         self.last_epoch = t0;
         let guard = self.xen("pausing", PauseGuard::pause(self.hv, domid))?;
         let mut bitmap = std::mem::replace(&mut self.bitmap, DirtyBitmap::new(0));
-        let harvested = self.hv.log_dirty_clean(domid, &mut bitmap);
+        // Paused: also the pages Xen writes through its own mappings (vcpu_info, ...).
+        let harvested = self.hv.log_dirty_clean_final(domid, &mut bitmap);
         let pfns: Vec<Pfn> = bitmap.iter().collect();
         self.bitmap = bitmap;
         self.xen("harvesting the dirty bitmap", harvested)?;

@@ -958,3 +958,50 @@ fn device_state_failure_ends_protection_with_the_guest_running() {
     assert_eq!(session.staged.unwrap().emulator_state, Some(vec![2]));
     let _ = std::fs::remove_dir_all(&sec.spool);
 }
+
+/// Pages Xen writes through its own mappings (vcpu_info: event delivery, also while the guest
+/// is paused) are never in an ordinary dirty harvest; every paused harvest of the sender is a
+/// final one, so they reach the replica.
+#[test]
+fn pages_written_by_xen_reach_the_replica() {
+    struct XenWrites<'a> {
+        p: &'a Primary,
+    }
+    impl CheckpointHook for XenWrites<'_> {
+        fn release(&mut self, seq: u64, _reasons: Reasons) -> Release {
+            // Event delivery into the guest's vcpu_info page before each checkpoint.
+            self.p
+                .xen
+                .guest(self.p.dom)
+                .xen_write(42, 64, &seq.to_le_bytes())
+                .unwrap();
+            Release::AfterStaging
+        }
+        fn acked(&mut self, info: &AckInfo) -> AfterAck {
+            if info.seq == 4 {
+                AfterAck::StopPaused
+            } else {
+                AfterAck::Continue
+            }
+        }
+    }
+    let p = primary(false, 1);
+    let sec = secondary("xenmapped", Limits::default());
+    let stream = TcpStream::connect(sec.addr).unwrap();
+    let mut tx = Sender::new(&p.xen, p.dom, stream, opts(), None).unwrap();
+    tx.initial_sync(&config(false), &mut |_| {}).unwrap();
+    let out = tx
+        .protect(
+            &Triggers::new(Duration::from_millis(1)),
+            &mut XenWrites { p: &p },
+        )
+        .unwrap();
+    assert_eq!(out.last_seq, 4);
+    drop(tx);
+    let session = sec.handle.join().unwrap().unwrap();
+    let replica = session.replica.unwrap();
+    let page = sec.xen.guest(replica).read_page(42).unwrap();
+    assert_eq!(page[64..72], 4u64.to_le_bytes());
+    assert_eq!(hash_of(&p.xen, p.dom), hash_of(&sec.xen, replica));
+    let _ = std::fs::remove_dir_all(&sec.spool);
+}

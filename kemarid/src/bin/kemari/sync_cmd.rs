@@ -94,6 +94,13 @@ pub enum SyncDebug {
         #[arg(long)]
         per_page: bool,
     },
+    /// List the guest pages Xen keeps mapped and writes itself (vcpu_info, runstate, FIFO event
+    /// arrays): log-dirty on, one final-round harvest (XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL), off.
+    /// Pause the domain first, or pages the guest writes meanwhile are listed too.
+    XenMapped {
+        /// Domain id or name.
+        domain: String,
+    },
     /// Print the non-zero 16-byte lines of one guest page in hex (to diff a page across hosts).
     PageDump {
         /// Domain id or name.
@@ -297,6 +304,25 @@ pub fn run_debug(hv: &dyn Hypervisor, cmd: SyncDebug, json: bool) -> anyhow::Res
                 for (pfn, ph) in h.per_page.unwrap_or_default() {
                     println!("{pfn:#x} {ph}");
                 }
+            }
+        }
+        SyncDebug::XenMapped { domain } => {
+            let domid = kemarid::debug::resolve_domain(hv, &domain)?;
+            let max = hv.maximum_gpfn(domid)?;
+            let mut bitmap = hypervisor::DirtyBitmap::new(max + 1);
+            hv.log_dirty_enable(domid)
+                .with_context(|| format!("enabling log-dirty on domain {domid}"))?;
+            let r = hv.log_dirty_clean_final(domid, &mut bitmap);
+            if let Err(e) = hv.log_dirty_disable(domid) {
+                eprintln!("kemari: turning log-dirty off on domain {domid}: {e}");
+            }
+            r.with_context(|| format!("final log-dirty harvest of domain {domid}"))?;
+            let pfns: Vec<u64> = bitmap.iter().collect();
+            if json {
+                print_json(&serde_json::json!({"domid": domid, "pfns": pfns}))?;
+            } else {
+                let hex: Vec<String> = pfns.iter().map(|p| format!("{p:#x}")).collect();
+                println!("domain {domid}: {} pages: {}", pfns.len(), hex.join(" "));
             }
         }
         SyncDebug::PageDump { domain, pfn } => {
