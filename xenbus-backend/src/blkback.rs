@@ -326,6 +326,14 @@ impl<'h> Vbd<'h> {
         }
         vbd.connect(true)?;
         vbd.set_state(BackendState::Attached)?;
+        if let Some(c) = &vbd.conn {
+            log::info!(
+                "{}: attached to the live ring at index {} (port {})",
+                vbd.paths.backend,
+                c.ring.req_cons(),
+                c.port
+            );
+        }
         vbd.start_watch()?;
         // serve whatever the guest queued meanwhile
         vbd.serve()?;

@@ -36,6 +36,11 @@ pub struct AttachArgs {
     /// Unpause the guest once the device nodes exist.
     #[arg(long)]
     pub unpause: bool,
+    /// Take over a device whose backend went away while the guest is connected (Kemari's
+    /// `Attached` state: the ring is served from its current indexes, no handshake), instead of
+    /// creating a new one.
+    #[arg(long, conflicts_with = "unpause")]
+    pub takeover: bool,
 }
 
 /// `xvdX` -> `virtual-device` (major 202, 16 minors per disk).
@@ -82,23 +87,26 @@ pub fn run(hv: &dyn Hypervisor, args: AttachArgs, json: bool) -> anyhow::Result<
         image: args.disk.clone(),
         readonly: args.readonly,
     };
-    let mut vbd = Vbd::create(
-        hv,
-        hv.open_xenstore().context("opening xenstore")?,
-        hv.open_event_channels().context("opening event channels")?,
-        &config,
-    )
-    .with_context(|| format!("creating {} for domain {domid}", args.vdev))?;
+    let xs = hv.open_xenstore().context("opening xenstore")?;
+    let evtchn = hv.open_event_channels().context("opening event channels")?;
+    let mut vbd = if args.takeover {
+        Vbd::attach(hv, xs, evtchn, &config)
+            .with_context(|| format!("taking over {} of domain {domid}", args.vdev))?
+    } else {
+        Vbd::create(hv, xs, evtchn, &config)
+            .with_context(|| format!("creating {} for domain {domid}", args.vdev))?
+    };
     let t0 = Instant::now();
     {
         let mut out = std::io::stdout().lock();
         writeln!(
             out,
-            "kemari attach: domain {domid} {} ({}) served from {} at {}",
+            "kemari attach: domain {domid} {} ({}) served from {} at {}, state {}",
             args.vdev,
             devid,
             args.disk.display(),
-            vbd.paths().backend
+            vbd.paths().backend,
+            vbd.state()
         )?;
         out.flush()?;
     }
