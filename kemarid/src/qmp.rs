@@ -514,9 +514,21 @@ impl QmpDeviceModel {
     /// Saves the device state (`xen-save-devices-state`, non-live; the guest must be paused)
     /// and returns it. The temporary file is removed on every path.
     pub fn save(&self) -> Result<Vec<u8>, QmpError> {
+        let mut client = self.connect()?;
+        self.save_on(&mut client)
+    }
+
+    /// `stop`, then [`save`](Self::save) in one session, in the same way as libxl's
+    /// `libxl__qmp_suspend_save` (the device model stays stopped; `cont` lets it run again).
+    pub fn stop_and_save(&self) -> Result<Vec<u8>, QmpError> {
+        let mut client = self.connect()?;
+        client.stop()?;
+        self.save_on(&mut client)
+    }
+
+    fn save_on(&self, client: &mut QmpClient) -> Result<Vec<u8>, QmpError> {
         let path = self.temp_path("save");
         let _cleanup = RemoveOnDrop(&path);
-        let mut client = self.connect()?;
         client.save_devices_state(&path)?;
         let file = std::fs::File::open(&path).map_err(|source| QmpError::StateFile {
             path: path.clone(),
@@ -539,13 +551,6 @@ impl QmpDeviceModel {
             });
         }
         Ok(data)
-    }
-
-    /// `stop`, then [`save`](Self::save) in the same way as libxl's `libxl__qmp_suspend_save`
-    /// (the device model stays stopped; `cont` lets it run again).
-    pub fn stop_and_save(&self) -> Result<Vec<u8>, QmpError> {
-        self.connect()?.stop()?;
-        self.save()
     }
 
     /// Loads `state` into the device model (`xen-load-devices-state`). The temporary file is

@@ -114,8 +114,8 @@ mod tests {
         let dir = Dir(dir);
         let socket = dir.0.join("qmp-libxl-4");
         let log = Arc::new(Mutex::new(Vec::new()));
-        // save = stop session + save session; resumed = cont session
-        let server = fake_qemu(socket.clone(), 3, log.clone());
+        // save = one session (stop + save); resumed = one session (cont)
+        let server = fake_qemu(socket.clone(), 2, log.clone());
         let xen = MemXen::new();
         let xs = xen.open_xenstore().unwrap();
         let base = "/local/domain/0/device-model/4/physmap/f0000000";
