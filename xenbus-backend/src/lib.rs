@@ -10,7 +10,8 @@
 //! * [`ring`]: the backend end of a Xen shared ring over a grant mapping, with hostile-index checks;
 //! * [`blkif`]: the block ring's wire format and request validation;
 //! * [`disk`]: raw image / block device backing store;
-//! * [`blkback`]: the block backend ([`Vbd`]).
+//! * [`blkback`]: the block backend ([`Vbd`]);
+//! * [`netif`]: the network rings' wire format and TX chain validation (netback groundwork).
 //!
 //! See `docs/backends.md` for the xenstore layout, how a guest gets these backends, and the
 //! validation rules.
@@ -19,6 +20,7 @@ pub mod blkback;
 pub mod blkif;
 pub mod device;
 pub mod disk;
+pub mod netif;
 pub mod ring;
 pub mod state;
 
