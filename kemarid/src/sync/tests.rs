@@ -777,8 +777,10 @@ fn corrupt_checkpoint_is_discarded_whole_and_nacked() {
 #[test]
 fn reordered_checkpoint_is_discarded_whole() {
     let fail = bad_frame_case("reorder", Limits::default(), |raw| {
-        raw.send(&RawPrimary::frame(3, 0xB3));
-        raw.send(&RawPrimary::frame(2, 0xB2));
+        // The receiver refuses frame 3 and may close before the rest of it or frame 2 arrives
+        // (EPIPE/ECONNRESET): only the receiver's verdict matters.
+        let _ = std::io::Write::write_all(&mut raw.s, &RawPrimary::frame(3, 0xB3));
+        let _ = std::io::Write::write_all(&mut raw.s, &RawPrimary::frame(2, 0xB2));
     });
     assert!(
         matches!(
