@@ -19,6 +19,7 @@ use kemarid::sync::replica_xl::XlReplicaBuilder;
 use kemarid::sync::sender::{CountHook, DeviceState, Sender, SenderOptions};
 use kemarid::sync::trigger::Triggers;
 use kemarid::xltool::XlTool;
+use nix::sys::signal::{SigSet, Signal};
 
 /// Top-level commands of the sync engine.
 #[derive(Subcommand, Debug)]
@@ -163,6 +164,26 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
         ack_timeout: Duration::from_secs(a.ack_timeout_s),
         ..SenderOptions::default()
     };
+    // Ctrl-C / SIGTERM end protection cleanly (guest running, log-dirty off, device model
+    // resumed) instead of killing the process between a pause and its unpause: the signals are
+    // blocked here (and in every thread started later) and a watcher thread turns them into
+    // `Triggers::stop`, acted on after the initial sync or the checkpoint in progress.
+    let triggers = Triggers::new(Duration::from_millis(a.interval_ms.max(1)));
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals
+        .thread_block()
+        .context("blocking SIGINT/SIGTERM for a clean stop")?;
+    {
+        let triggers = triggers.clone();
+        std::thread::spawn(move || {
+            if let Ok(sig) = signals.wait() {
+                eprintln!("kemari replicate: {sig} received, stopping after the step in progress");
+                triggers.stop();
+            }
+        });
+    }
     let mut tx = Sender::new(hv, domid, stream, opts, device)?;
     let start = Instant::now();
     let init = tx.initial_sync(&config, &mut |p| {
@@ -181,7 +202,13 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
         "initial sync: {} live + {} final pages, {} bytes, paused {:.1} ms, ACKed after {:.0} ms",
         init.live_pages, init.final_pages, init.bytes, init.pause_ms, init.total_ms
     );
-    let triggers = Triggers::new(Duration::from_millis(a.interval_ms.max(1)));
+    if triggers.stopped() {
+        drop(tx);
+        eprintln!(
+            "kemari replicate: stopped after the initial sync; guest {domid} runs unprotected"
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     let mut hook = CountHook {
         limit: a.checkpoints,
         hold: a.hold,
