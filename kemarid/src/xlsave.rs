@@ -44,6 +44,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::qmp::{QmpDeviceModel, QmpError};
+use crate::sync::image::Counting;
 
 /// The HVM parameters libxc's `write_hvm_params` (`xg_sr_save_x86_hvm.c`) sends, by number:
 /// STORE_PFN, IOREQ_PFN, BUFIOREQ_PFN, PAGING_RING_PFN, MONITOR_RING_PFN, SHARING_RING_PFN,
@@ -192,24 +193,6 @@ pub struct SaveReport {
     pub memory_ms: u64,
     /// Time from the start until the image was complete.
     pub total_ms: u64,
-}
-
-/// A writer that counts bytes.
-struct Counting<W> {
-    inner: W,
-    bytes: u64,
-}
-
-impl<W: Write> Write for Counting<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.bytes += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 fn xen<T>(domid: DomId, step: &'static str, r: hypervisor::Result<T>) -> Result<T, SaveError> {
@@ -464,10 +447,7 @@ pub fn save_image<W: Write>(
 
     let mut emulator_stopped = false;
     let result = (|| {
-        let w = Counting {
-            inner: std::io::BufWriter::with_capacity(1 << 20, out),
-            bytes: 0,
-        };
+        let w = Counting::new(std::io::BufWriter::with_capacity(1 << 20, out));
         let spec = ImageSpec {
             kind: if info.guest_type == GuestType::Hvm {
                 GuestKind::Hvm
@@ -518,7 +498,7 @@ pub fn save_image<W: Write>(
             pages,
             holes,
             device_state_bytes,
-            image_bytes: w.bytes,
+            image_bytes: w.bytes(),
             quiesce_ms,
             memory_ms,
             total_ms: start.elapsed().as_millis() as u64,
