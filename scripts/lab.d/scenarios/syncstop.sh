@@ -14,7 +14,9 @@ lab_create_guest host1 pvh stop-pvh "mem=128" "extra=lab.memwrite=256"
 lab_wait_console host1 stop-pvh 'kemari-guest memory writer' 120
 
 lab_step "kemari receive on host2"
-lab_run host2 "mkdir -p /var/lib/lab /var/lib/kemari && rm -rf /var/lib/kemari/spool-stop && truncate -s 16M /var/lib/lab/stop-pvh.img"
+# dom0's /var/lib is a small RAM disk: spools left by earlier scenarios on reused hosts (each a
+# ~130 MiB image) would fill it and kill the receiver with ENOSPC.
+lab_run host2 "mkdir -p /var/lib/lab /var/lib/kemari && rm -rf /var/lib/kemari/spool-* && truncate -s 16M /var/lib/lab/stop-pvh.img"
 lab_run host2 "setsid sh -c 'kemari --json receive --listen 0.0.0.0:$SS_PORT --spool-dir /var/lib/kemari/spool-stop --once >/var/lib/kemari/receive-stop.json 2>/var/lib/kemari/receive-stop.log' </dev/null >/dev/null 2>&1 &"
 sleep 2
 
@@ -25,7 +27,11 @@ for _ in $(seq 180); do
   if lab_run host1 "grep -q 'ACKed after' /tmp/replicate-stop.log" 30; then ok=1; break; fi
   sleep 1
 done
-[ "$ok" = 1 ] || { lab_run host1 "cat /tmp/replicate-stop.log" || true; lab_fail "initial sync did not finish"; }
+[ "$ok" = 1 ] || {
+  lab_run host1 "cat /tmp/replicate-stop.log" || true
+  lab_run host2 "cat /var/lib/kemari/receive-stop.log; df -h /var/lib/kemari" || true
+  lab_fail "initial sync did not finish"
+}
 sleep 5
 
 lab_step "SIGTERM to kemari replicate while it takes checkpoints"
