@@ -40,6 +40,7 @@ use crate::blkif::{
 };
 use crate::device::{self, DeviceError, DevicePaths};
 use crate::disk::{Disk, DiskError};
+use crate::journal::{Journal, JournalError, RingIdentity};
 use crate::ring::{BackRing, RingError};
 use crate::state::{react, BackendState, Reaction, XenbusState};
 
@@ -113,6 +114,16 @@ pub enum VbdError {
     /// `poll` failed.
     #[error("polling xenstore and event channel fds: {0}")]
     Poll(nix::Error),
+    /// The in-flight journal could not be opened.
+    #[error("guest {domid} device {devid}: {source}")]
+    Journal {
+        /// The guest.
+        domid: DomId,
+        /// The device.
+        devid: u32,
+        /// What failed.
+        source: JournalError,
+    },
 }
 
 /// What to serve.
@@ -128,6 +139,10 @@ pub struct VbdConfig {
     pub image: PathBuf,
     /// Serve read-only.
     pub readonly: bool,
+    /// Folder of the in-flight request journals (normally on dom0's tmpfs, `/run/kemari`):
+    /// what lets a backend that takes the ring over after a crash re-serve the requests the
+    /// dead one had taken (see [`crate::journal`]). `None`: no journal.
+    pub journal_dir: Option<PathBuf>,
 }
 
 impl VbdConfig {
@@ -139,6 +154,7 @@ impl VbdConfig {
             backend_domid: 0,
             image,
             readonly: false,
+            journal_dir: None,
         }
     }
 }
@@ -169,6 +185,8 @@ pub struct VbdStats {
     pub persistent_maps: u64,
     /// Requests served with a one-off mapping (no persistent grants, or the cache was full).
     pub oneoff_maps: u64,
+    /// Requests taken from the in-flight journal instead of the ring after a takeover.
+    pub replayed: u64,
 }
 
 /// Where a device is.
@@ -185,6 +203,9 @@ pub enum VbdStatus {
 struct Conn {
     ring: BackRing,
     port: Port,
+    journal: Option<Journal>,
+    /// After a takeover: the first ring index the dead backend may have journaled.
+    replay_base: Option<u32>,
 }
 
 /// One virtual block device of one guest.
@@ -207,6 +228,7 @@ pub struct Vbd<'h> {
     token: String,
     bad_logged: u32,
     buf: Vec<u8>,
+    journal_path: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Vbd<'_> {
@@ -260,6 +282,12 @@ impl<'h> Vbd<'h> {
             token,
             bad_logged: 0,
             buf: Vec::new(),
+            journal_path: config.journal_dir.as_ref().map(|d| {
+                d.join(format!(
+                    "{BACKEND_TYPE}-{}-{}.journal",
+                    config.domid, config.devid
+                ))
+            }),
         })
     }
 
@@ -616,12 +644,38 @@ impl<'h> Vbd<'h> {
             devid: self.paths.devid,
             source,
         })?;
+        let journal = match &self.journal_path {
+            None => None,
+            Some(path) => {
+                let id = RingIdentity {
+                    domid: u32::from(self.paths.domid),
+                    first_ref: refs.first().copied().unwrap_or_default(),
+                    remote_port,
+                };
+                // a takeover keeps the dead backend's journal of this very ring
+                Some(
+                    Journal::open(path, id, ring.size(), ENTRY_SIZE, attach).map_err(|source| {
+                        VbdError::Journal {
+                            domid: self.paths.domid,
+                            devid: self.paths.devid,
+                            source,
+                        }
+                    })?,
+                )
+            }
+        };
+        let replay_base = (attach && journal.is_some()).then(|| ring.req_cons());
         let port = self
             .evtchn
             .bind_interdomain(self.paths.domid, remote_port)
             .map_err(|e| self.hv_err(format!("binding event channel {remote_port}"), e))?;
         self.persistent = persistent;
-        self.conn = Some(Conn { ring, port });
+        self.conn = Some(Conn {
+            ring,
+            port,
+            journal,
+            replay_base,
+        });
         self.stats.connects += 1;
         Ok(())
     }
@@ -633,6 +687,12 @@ impl<'h> Vbd<'h> {
         if let Some(conn) = self.conn.take() {
             if let Err(e) = self.evtchn.unbind(conn.port) {
                 log::warn!("{}: unbinding port {}: {e}", self.paths.backend, conn.port);
+            }
+            // the device ended cleanly: nothing is left to take over
+            if let Some(j) = conn.journal {
+                if let Err(e) = j.remove() {
+                    log::warn!("{}: {e}", self.paths.backend);
+                }
             }
             // dropping the ring unmaps it
         }
@@ -701,7 +761,9 @@ impl<'h> Vbd<'h> {
             let n = conn.ring.unconsumed().map_err(ring_err)?;
             for _ in 0..n {
                 let mut entry = [0u8; ENTRY_SIZE];
+                let index = conn.ring.req_cons();
                 conn.ring.take_request(&mut entry).map_err(ring_err)?;
+                self.journal_request(conn, index, &mut entry);
                 let rsp = self.handle(&entry);
                 conn.ring.put_response(rsp.as_bytes()).map_err(ring_err)?;
                 self.stats.requests += 1;
@@ -715,6 +777,35 @@ impl<'h> Vbd<'h> {
             if !conn.ring.final_check().map_err(ring_err)? {
                 return Ok(());
             }
+        }
+    }
+
+    /// After a takeover, a request the dead backend had taken is read from the journal (its
+    /// ring slot may already hold the unpublished response); every request is journaled before
+    /// it is acted on.
+    fn journal_request(&mut self, conn: &mut Conn, index: u32, entry: &mut [u8; ENTRY_SIZE]) {
+        let Some(journal) = &conn.journal else {
+            return;
+        };
+        if let Some(base) = conn.replay_base {
+            if index.wrapping_sub(base) < conn.ring.size() {
+                if let Some(copy) = journal.lookup(index) {
+                    if copy.len() == ENTRY_SIZE && copy[..] != entry[..] {
+                        self.stats.replayed += 1;
+                        entry.copy_from_slice(&copy);
+                    }
+                }
+            } else {
+                conn.replay_base = None;
+            }
+        }
+        if let Err(e) = journal.record(index, entry) {
+            // dom0's tmpfs is full or gone: serving goes on, a takeover would lose this guarantee
+            log::warn!(
+                "{}: in-flight journal disabled for this connection: {e}",
+                self.paths.backend
+            );
+            conn.journal = None;
         }
     }
 

@@ -10,6 +10,7 @@
 //! * [`ring`]: the backend end of a Xen shared ring over a grant mapping, with hostile-index checks;
 //! * [`blkif`]: the block ring's wire format and request validation;
 //! * [`disk`]: raw image / block device backing store;
+//! * [`journal`]: the in-flight request journal that makes a takeover after a crash safe;
 //! * [`blkback`]: the block backend ([`Vbd`]);
 //! * [`netif`]: the network rings' wire format and TX chain validation (netback groundwork).
 //!
@@ -20,6 +21,7 @@ pub mod blkback;
 pub mod blkif;
 pub mod device;
 pub mod disk;
+pub mod journal;
 pub mod netif;
 pub mod ring;
 pub mod state;

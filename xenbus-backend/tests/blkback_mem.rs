@@ -830,3 +830,81 @@ mod fuzz {
         }
     }
 }
+
+/// A backend killed after writing responses into the ring but before publishing them
+/// (`rsp_prod`): the slots between `rsp_prod` and `req_prod` hold responses, not requests.
+/// The backend that takes over must re-serve the original requests, from the journal.
+#[test]
+fn takeover_after_a_crash_between_response_and_publish_replays_from_the_journal() {
+    for with_journal in [true, false] {
+        let s = setup(&format!("journal-{with_journal}.img"));
+        let jdir = std::env::temp_dir().join(format!(
+            "kemari-blkback-journal-{}-{with_journal}",
+            std::process::id()
+        ));
+        let config = VbdConfig {
+            journal_dir: with_journal.then(|| jdir.clone()),
+            ..VbdConfig::xvda(s.domid, s.img.clone())
+        };
+        let journal = jdir.join(format!("kemari-vbd-{}-51712.journal", s.domid));
+        let mut f;
+        {
+            let mut v = Vbd::create(
+                &s.host,
+                s.host.open_xenstore().unwrap(),
+                s.host.open_event_channels().unwrap(),
+                &config,
+            )
+            .unwrap();
+            f = Front::connect(&s.host, s.domid, 51712, None);
+            poll(&mut v);
+            f.set_state(4);
+            poll(&mut v);
+            assert_eq!(journal.exists(), with_journal);
+            for (i, seed) in [(0u64, 3u8), (1, 4)] {
+                f.g.write_page(DATA_PFN + i, &pattern(seed)).unwrap();
+                let g = f.grant(DATA_PFN + i, true);
+                f.push(&rw(BLKIF_OP_WRITE, i + 1, i * 8, &[(g, 0, 7)]));
+            }
+            f.kick();
+            poll(&mut v);
+            // the crash: responses written into slots 0 and 1, rsp_prod never published
+            f.ring_write(8, &0u32.to_le_bytes());
+            std::fs::write(&s.img, vec![0u8; DISK_BYTES as usize]).unwrap();
+            // SIGKILL runs no cleanup: the journal survives the process
+            let saved = with_journal.then(|| std::fs::read(&journal).unwrap());
+            drop(v);
+            if let Some(saved) = saved {
+                std::fs::write(&journal, saved).unwrap();
+            }
+        }
+        let v = Vbd::attach(
+            &s.host,
+            s.host.open_xenstore().unwrap(),
+            s.host.open_event_channels().unwrap(),
+            &config,
+        )
+        .unwrap();
+        let rsp = f.responses();
+        let got: Vec<(u64, i16)> = rsp.iter().map(|r| (r.id.get(), r.status.get())).collect();
+        let img = std::fs::read(&s.img).unwrap();
+        if with_journal {
+            assert_eq!(
+                got,
+                [(1, 0), (2, 0)],
+                "the original requests are served again"
+            );
+            assert_eq!(v.stats().replayed, 2);
+            assert_eq!(&img[..4096], &pattern(3)[..]);
+            assert_eq!(&img[4096..8192], &pattern(4)[..]);
+        } else {
+            // what the journal prevents: the responses are read back as requests (the first
+            // one, "write, 0 segments", is refused, the second reads as a barrier) and the
+            // writes are lost
+            assert_eq!(got, [(1, -1), (1, 0)]);
+            assert!(img[..8192].iter().all(|b| *b == 0));
+        }
+        drop(v);
+        assert!(!journal.exists(), "a clean end removes the journal");
+    }
+}

@@ -86,6 +86,8 @@ pub fn run(hv: &dyn Hypervisor, args: AttachArgs, json: bool) -> anyhow::Result<
         backend_domid: 0,
         image: args.disk.clone(),
         readonly: args.readonly,
+        // on dom0's tmpfs: survives this process (a takeover after a crash reads it), not a reboot
+        journal_dir: Some(PathBuf::from("/run/kemari")),
     };
     let xs = hv.open_xenstore().context("opening xenstore")?;
     let evtchn = hv.open_event_channels().context("opening event channels")?;
