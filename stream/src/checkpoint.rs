@@ -14,7 +14,8 @@
 //! HVM_CONTEXT               exactly one
 //! HVM_PARAMS                exactly one
 //! KEMARI_EMULATOR_STATE ?   the device model's state, if flags bit 0
-//! KEMARI_EXTRA *            u32 kind, u32 reserved=0, data (extra_count of them)
+//! KEMARI_EXTRA *            u32 kind, u32 reserved=0, data (extra_count of them); kind 1 is
+//!                           the disk write log (crate::disklog::EXTRA_DISK_LOG)
 //! KEMARI_CHECKPOINT_END     u64 seq, u64 frame_len, u32 crc32, u32 reserved=0
 //! ```
 //!

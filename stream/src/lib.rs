@@ -11,12 +11,14 @@
 //!   or read record by record with bounded memory ([`image::ImageReader`]).
 //! - [`checkpoint`]: Kemari's checkpoint frames (libxc-framed records, Kemari's own data in
 //!   OPTIONAL records) and the ACK/NACK replies.
+//! - [`disklog`]: the disk write log a checkpoint carries in its `KEMARI_EXTRA` records.
 //!
 //! Every decoder checks every length against a hard limit ([`Limits`]) before it reads, and
 //! never allocates what a header merely claims: bodies are read in bounded chunks, so a lying
 //! header on a short stream costs at most one chunk more than the bytes that really arrived.
 
 pub mod checkpoint;
+pub mod disklog;
 pub mod frame;
 pub mod fuzzing;
 pub mod image;
