@@ -12,20 +12,28 @@
 //! * [`disk`]: raw image / block device backing store;
 //! * [`journal`]: the in-flight request journal that makes a takeover after a crash safe;
 //! * [`blkback`]: the block backend ([`Vbd`]);
-//! * [`netif`]: the network rings' wire format and TX chain validation (netback groundwork).
+//! * [`commit`]: the event tap and output commit ([`commit::OutputGate`]) shared with the
+//!   synchronization engine;
+//! * [`netif`]: the network rings' wire format, TX chain validation, checksum completion;
+//! * [`tap`]: the dom0 tap device a vif's frames go through;
+//! * [`netback`]: the network backend ([`Vif`]).
 //!
 //! See `docs/backends.md` for the xenstore layout, how a guest gets these backends, and the
 //! validation rules.
 
 pub mod blkback;
 pub mod blkif;
+pub mod commit;
 pub mod device;
 pub mod disk;
 pub mod journal;
+pub mod netback;
 pub mod netif;
 pub mod ring;
 pub mod state;
+pub mod tap;
 
 pub use blkback::{Vbd, VbdConfig, VbdError, VbdStats, VbdStatus};
+pub use netback::{TxSink, Vif, VifConfig, VifError, VifStats, VifStatus};
 
 pub use state::{react, BackendState, Reaction, StateError, XenbusState, KEMARI_STATE_NODE};

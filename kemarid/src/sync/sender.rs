@@ -130,6 +130,15 @@ pub enum SendError {
         /// Its reason.
         reason: NackReason,
     },
+    /// The hook could not provide the checkpoint's extra records.
+    #[error("checkpoint {seq}: extra records (disk write log): {source}")]
+    Extra {
+        /// The checkpoint.
+        seq: u64,
+        /// Why.
+        #[source]
+        source: DeviceError,
+    },
     /// A reply for another checkpoint.
     #[error("reply for checkpoint {got} while waiting for {expected}")]
     WrongReply {
@@ -212,6 +221,13 @@ pub trait CheckpointHook {
 
     /// After the ACK of a checkpoint.
     fn acked(&mut self, info: &AckInfo) -> AfterAck;
+
+    /// Called with the guest paused for checkpoint `seq`, after its state was staged: extra
+    /// records `(kind, data)` for the frame (`KEMARI_EXTRA`: the disk write log of the epoch
+    /// this checkpoint closes). An error ends protection.
+    fn extra(&mut self, _seq: u64) -> Result<Vec<(u32, Vec<u8>)>, DeviceError> {
+        Ok(Vec::new())
+    }
 }
 
 /// A hook that stops after `limit` checkpoints (if set), holding the guest paused at the last
@@ -691,6 +707,9 @@ impl<'a> Sender<'a> {
         let hvm_context = self.xen("reading the HVM context", self.hv.hvm_context(domid))?;
         let hvm_params = self.read_params()?;
         let emulator_state = self.device_save()?;
+        let extra = hook
+            .extra(seq)
+            .map_err(|source| SendError::Extra { seq, source })?;
         let mut held = Some(guard);
         let mut pause = Duration::ZERO;
         if release == Release::AfterStaging {
@@ -707,7 +726,7 @@ impl<'a> Sender<'a> {
             hvm_context,
             hvm_params,
             emulator_state,
-            extra: Vec::new(),
+            extra,
         };
         let npages = cp.pages.len() as u64;
         let bytes = checkpoint::write_checkpoint(&mut self.out, &cp, &self.opts.limits)
