@@ -1,6 +1,6 @@
 //! The netif wire format (`xen/include/public/io/netif.h`) and the validation of the transmit
-//! requests a guest's `xen-netfront` puts on its TX ring - groundwork of the netback (the
-//! device itself, its tap and the xenbus handshake are not built yet).
+//! requests a guest's `xen-netfront` puts on its TX ring, used by [`crate::netback`]; and the
+//! completion of the partial TCP/UDP checksums netfront leaves to the backend.
 //!
 //! A packet on the TX ring is a chain of slots: the first request carries the whole packet's
 //! size and the first fragment's page; `NETTXF_more_data` says another data slot follows;
@@ -356,6 +356,139 @@ fn validate(
     })
 }
 
+/// Why a partial checksum could not be completed (the packet is dropped, as Linux's netback
+/// drops packets whose `checksum_setup` fails).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChecksumError {
+    /// The frame ends inside a header.
+    #[error("frame of {len} bytes ends inside the {what} header")]
+    Truncated {
+        /// Frame length.
+        len: usize,
+        /// Which header.
+        what: &'static str,
+    },
+    /// Not IPv4/IPv6 (ethertype), or not TCP/UDP, or a fragment.
+    #[error("no TCP/UDP checksum to complete: {0}")]
+    Unsupported(String),
+}
+
+const ETHERTYPE_IPV4: u16 = 0x0800;
+const ETHERTYPE_IPV6: u16 = 0x86DD;
+const ETHERTYPE_VLAN: u16 = 0x8100;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+fn be16(frame: &[u8], at: usize, what: &'static str) -> Result<u16, ChecksumError> {
+    match frame.get(at..at + 2) {
+        Some(b) => Ok(u16::from_be_bytes([b[0], b[1]])),
+        None => Err(ChecksumError::Truncated {
+            len: frame.len(),
+            what,
+        }),
+    }
+}
+
+fn byte(frame: &[u8], at: usize, what: &'static str) -> Result<u8, ChecksumError> {
+    frame.get(at).copied().ok_or(ChecksumError::Truncated {
+        len: frame.len(),
+        what,
+    })
+}
+
+/// Where the transport header starts and the offset of its checksum field in it, for an
+/// Ethernet frame carrying TCP or UDP over IPv4 or IPv6 (one optional VLAN tag, IPv6
+/// hop-by-hop/routing/destination-options extension headers).
+pub fn checksum_location(frame: &[u8]) -> Result<(usize, usize), ChecksumError> {
+    let mut at = 12;
+    let mut ethertype = be16(frame, at, "Ethernet")?;
+    at += 2;
+    if ethertype == ETHERTYPE_VLAN {
+        ethertype = be16(frame, at + 2, "VLAN")?;
+        at += 4;
+    }
+    let (proto, l4) = match ethertype {
+        ETHERTYPE_IPV4 => {
+            let ihl = usize::from(byte(frame, at, "IPv4")? & 0x0f) * 4;
+            if ihl < 20 || frame.len() < at + ihl {
+                return Err(ChecksumError::Truncated {
+                    len: frame.len(),
+                    what: "IPv4",
+                });
+            }
+            let frag = be16(frame, at + 6, "IPv4")?;
+            if frag & 0x3fff != 0 {
+                return Err(ChecksumError::Unsupported("IPv4 fragment".into()));
+            }
+            (byte(frame, at + 9, "IPv4")?, at + ihl)
+        }
+        ETHERTYPE_IPV6 => {
+            let mut next = byte(frame, at + 6, "IPv6")?;
+            let mut l4 = at + 40;
+            // hop-by-hop, routing, destination options: (len + 1) * 8 bytes each
+            let mut hops = 0;
+            while matches!(next, 0 | 43 | 60) {
+                hops += 1;
+                if hops > 8 {
+                    return Err(ChecksumError::Unsupported(
+                        "more than 8 IPv6 extension headers".into(),
+                    ));
+                }
+                let len = (usize::from(byte(frame, l4 + 1, "IPv6 extension")?) + 1) * 8;
+                next = byte(frame, l4, "IPv6 extension")?;
+                l4 += len;
+            }
+            (next, l4)
+        }
+        t => return Err(ChecksumError::Unsupported(format!("ethertype {t:#06x}"))),
+    };
+    let field = match proto {
+        IPPROTO_TCP => 16,
+        IPPROTO_UDP => 6,
+        p => return Err(ChecksumError::Unsupported(format!("IP protocol {p}"))),
+    };
+    if frame.len() < l4 + field + 2 {
+        return Err(ChecksumError::Truncated {
+            len: frame.len(),
+            what: if proto == IPPROTO_TCP { "TCP" } else { "UDP" },
+        });
+    }
+    Ok((l4, field))
+}
+
+/// The 16-bit one's complement sum of `data` (odd tail padded with a zero byte), unfolded.
+fn ones_sum(data: &[u8]) -> u64 {
+    let mut chunks = data.chunks_exact(2);
+    let mut sum: u64 = chunks
+        .by_ref()
+        .map(|c| u64::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    if let [last] = chunks.remainder() {
+        sum += u64::from(*last) << 8;
+    }
+    sum
+}
+
+fn fold(mut sum: u64) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    // lossless: folded into 16 bits
+    u16::try_from(sum).unwrap_or(0xffff)
+}
+
+/// Completes the TCP/UDP checksum of a frame sent with `NETTXF_csum_blank` (Linux's
+/// `CHECKSUM_PARTIAL`: the guest left the pseudo-header sum in the checksum field): the one's
+/// complement of the sum from the transport header to the end is stored in the field (0 is
+/// sent as 0xffff, as `skb_checksum_help` does).
+pub fn complete_checksum(frame: &mut [u8]) -> Result<(), ChecksumError> {
+    let (start, field) = checksum_location(frame)?;
+    let csum = !fold(ones_sum(&frame[start..]));
+    let csum = if csum == 0 { 0xffff } else { csum };
+    frame[start + field..start + field + 2].copy_from_slice(&csum.to_be_bytes());
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -494,6 +627,104 @@ mod tests {
         assert!(parse_tx_packet(&[], NONE).unwrap_err().is_fatal());
     }
 
+    /// Full checksum check over pseudo header (given as bytes) and segment: the sum is 0xffff.
+    fn verify(pseudo: &[u8], seg: &[u8]) -> bool {
+        fold(ones_sum(pseudo) + ones_sum(seg)) == 0xffff
+    }
+
+    /// Ethernet + IPv4/IPv6 (+ one 8-byte destination-options header for v6) + L4 header
+    /// with the pseudo-header sum in the checksum field, as a CHECKSUM_PARTIAL packet.
+    fn partial(v6: bool, vlan: bool, proto: u8, payload: &[u8]) -> (Vec<u8>, Vec<u8>, usize) {
+        let l4len = if proto == IPPROTO_TCP { 20 } else { 8 } + payload.len();
+        let mut f = vec![0u8; 12];
+        if vlan {
+            f.extend_from_slice(&ETHERTYPE_VLAN.to_be_bytes());
+            f.extend_from_slice(&[0, 5]);
+        }
+        let (src, dst): (Vec<u8>, Vec<u8>) = if v6 {
+            ((1..=16).collect(), (101..=116).collect())
+        } else {
+            (vec![10, 0, 0, 1], vec![10, 0, 0, 2])
+        };
+        if v6 {
+            f.extend_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
+            let mut h = vec![0u8; 40];
+            h[0] = 0x60;
+            h[4..6].copy_from_slice(&((l4len + 8) as u16).to_be_bytes());
+            h[6] = 60; // destination options follow
+            h[8..24].copy_from_slice(&src);
+            h[24..40].copy_from_slice(&dst);
+            f.extend_from_slice(&h);
+            f.extend_from_slice(&[proto, 0, 1, 4, 0, 0, 0, 0]);
+        } else {
+            f.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+            let mut h = vec![0u8; 20];
+            h[0] = 0x45;
+            h[9] = proto;
+            h[12..16].copy_from_slice(&src);
+            h[16..20].copy_from_slice(&dst);
+            f.extend_from_slice(&h);
+        }
+        let start = f.len();
+        let mut l4 = vec![0u8; l4len - payload.len()];
+        l4[0..4].copy_from_slice(&[0x1b, 0x58, 0x9c, 0x40]);
+        if proto == IPPROTO_TCP {
+            l4[12] = 5 << 4;
+        } else {
+            l4[4..6].copy_from_slice(&(l4len as u16).to_be_bytes());
+        }
+        f.extend_from_slice(&l4);
+        f.extend_from_slice(payload);
+        let mut pseudo = src.clone();
+        pseudo.extend_from_slice(&dst);
+        pseudo.extend_from_slice(&(l4len as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, proto]);
+        let seed = fold(ones_sum(&pseudo));
+        let field = start + if proto == IPPROTO_TCP { 16 } else { 6 };
+        f[field..field + 2].copy_from_slice(&seed.to_be_bytes());
+        (f, pseudo, start)
+    }
+
+    #[test]
+    fn partial_checksums_are_completed() {
+        for (v6, vlan, proto, payload) in [
+            (false, false, IPPROTO_TCP, &b"kemari-count 1\n"[..]),
+            (false, true, IPPROTO_UDP, &b"odd"[..]),
+            (true, false, IPPROTO_TCP, &b""[..]),
+            (true, true, IPPROTO_UDP, &[0xffu8; 1001][..]),
+        ] {
+            let (mut f, pseudo, start) = partial(v6, vlan, proto, payload);
+            assert!(!verify(&pseudo, &f[start..]));
+            complete_checksum(&mut f).unwrap();
+            assert!(
+                verify(&pseudo, &f[start..]),
+                "v6={v6} vlan={vlan} proto={proto}"
+            );
+        }
+    }
+
+    #[test]
+    fn checksums_that_cannot_be_completed_are_refused() {
+        let (mut f, _, _) = partial(false, false, IPPROTO_TCP, b"x");
+        f[14 + 6] = 0x20; // more fragments
+        assert!(matches!(
+            complete_checksum(&mut f),
+            Err(ChecksumError::Unsupported(_))
+        ));
+        let (mut f, _, _) = partial(false, false, 1, b"icmp");
+        assert!(complete_checksum(&mut f).is_err());
+        let (f, _, start) = partial(false, false, IPPROTO_TCP, b"");
+        let mut short = f[..start + 10].to_vec();
+        assert!(matches!(
+            complete_checksum(&mut short),
+            Err(ChecksumError::Truncated { .. })
+        ));
+        let mut arp = vec![0u8; 60];
+        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        assert!(complete_checksum(&mut arp).is_err());
+        assert!(complete_checksum(&mut []).is_err());
+    }
+
     proptest! {
         /// Any slots: never a panic; a delimited chain consumes what it names, and a valid
         /// packet's slots stay in their pages and add up to its size.
@@ -527,6 +758,18 @@ mod tests {
                 }
                 Err(e) => prop_assert!(e.is_fatal(), "{e}"),
             }
+        }
+
+        /// Any frame: completing its checksum never panics nor changes its length.
+        #[test]
+        fn any_frame_checksum_is_safe(mut f in proptest::collection::vec(any::<u8>(), 0..200), v6 in any::<bool>()) {
+            if f.len() > 14 {
+                let t = if v6 { ETHERTYPE_IPV6 } else { ETHERTYPE_IPV4 };
+                f[12..14].copy_from_slice(&t.to_be_bytes());
+            }
+            let n = f.len();
+            let _ = complete_checksum(&mut f);
+            prop_assert_eq!(f.len(), n);
         }
     }
 }

@@ -1,0 +1,948 @@
+//! A userspace netif backend (netback): a guest's vif served to a stock Linux `xen-netfront`,
+//! its packets exchanged with a tap device in dom0 ([`crate::tap`]).
+//!
+//! One [`Vif`] serves one guest NIC. [`Vif::create`] writes the device's xenstore nodes
+//! (`device/vif/<devid>` with `mac` and `handle` in the guest, `backend/kemari-vif/<domid>/
+//! <devid>` in dom0) and publishes `InitWait`; [`Vif::poll`] (or [`Vif::run`]) follows the
+//! frontend: when it is `Connected` (netfront skips `Initialised`) the backend maps the TX and
+//! RX rings, binds the event channel and becomes `Connected`.
+//!
+//! Offered: `feature-rx-copy` (the only receive mode netfront has), one queue, one event
+//! channel, one-page rings; no scatter-gather, GSO, IPv6 checksum offload, split event
+//! channels or multi-queue (none advertised). netfront still leaves IPv4 TCP/UDP checksums to
+//! the backend (`NETTXF_csum_blank`): they are completed before the frame leaves
+//! ([`crate::netif::complete_checksum`]). The frontend must write `request-rx-copy=1` and
+//! `feature-rx-notify=1` (as Linux's netback requires).
+//!
+//! TX (guest -> dom0): every chain of requests is delimited and validated
+//! ([`crate::netif::parse_tx_packet`]), its pages are mapped read-only in one batch, copied
+//! into one frame and unmapped, then each slot is answered (`NETIF_RSP_OKAY`, or
+//! `NETIF_RSP_ERROR` for a malformed chain or a grant that cannot be mapped; extra-info slots
+//! `NETIF_RSP_NULL`). The frame goes to the device's [`TxSink`] - the tap, or whatever holds
+//! transmitted packets until a checkpoint is acknowledged (output commit): the guest's
+//! requests are answered once the frame is copied, whatever the sink does with it.
+//!
+//! RX (dom0 -> guest): frames are read from the tap only while the guest has posted receive
+//! buffers; each goes into the page of the next RX request (mapped writable, written at
+//! offset 0, unmapped) and is answered with its size. A frame larger than a page is dropped
+//! (the tap's MTU keeps frames far below). Without buffers the tap keeps its frames (its
+//! queue drops when full) and the backend waits for the frontend's kick.
+//!
+//! A ring index beyond the ring, a chain that cannot be delimited, or an unmappable ring is a
+//! protocol error that ends the device (`Closed`, reason in `kemari-error`), logged once; bad
+//! requests are answered with errors and logged at most [`LOGGED_BAD_REQUESTS`] times at
+//! `warn`.
+
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use hypervisor::{
+    DomId, EventChannels, GrantMapping, GrantRef, GrantTables, HypervisorError, Port, XenStore,
+    PAGE_SIZE,
+};
+use zerocopy::little_endian::{I16, U16};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::device::{self, DeviceError, DevicePaths};
+use crate::netif::{
+    complete_checksum, parse_tx_packet, RxRequest, RxResponse, TxPacket, TxResponse,
+    NETIF_RSP_ERROR, NETIF_RSP_NULL, NETIF_RSP_OKAY, RX_ENTRY_SIZE, TX_ENTRY_SIZE,
+};
+use crate::ring::{BackRing, RingError};
+use crate::state::{react, BackendState, Reaction, XenbusState};
+use crate::tap::{Tap, TapError};
+
+/// Backend type directory: `/local/domain/0/backend/kemari-vif/<domid>/<devid>`.
+pub const BACKEND_TYPE: &str = "kemari-vif";
+/// Frontend device class (`xen-netfront` serves `device/vif`).
+pub const FRONTEND_CLASS: &str = "vif";
+/// Node where the reason a device failed is published.
+pub const ERROR_NODE: &str = "kemari-error";
+/// Bad requests logged per device at `warn` before the rest go to `debug`.
+pub const LOGGED_BAD_REQUESTS: u32 = 8;
+/// Largest frame read from the tap (longer ones are truncated there and dropped here).
+const RX_BUF: usize = 65536;
+
+/// Where the guest's transmitted frames go. The netback calls [`deliver`](Self::deliver)
+/// once per packet, in ring order, with the complete Ethernet frame (checksums filled in).
+/// The default sink is the vif's tap; output commit replaces it with one that holds frames
+/// until the checkpoint that produced them is acknowledged.
+pub trait TxSink: Send {
+    /// Takes one frame. An error counts the frame as dropped (the guest's request was
+    /// answered already).
+    fn deliver(&mut self, frame: &[u8]) -> std::io::Result<()>;
+}
+
+impl TxSink for Tap {
+    fn deliver(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.send(frame)
+    }
+}
+
+/// Errors of a virtual network interface.
+#[derive(Debug, thiserror::Error)]
+pub enum VifError {
+    /// xenstore handling.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// The tap.
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    /// Mapping a ring, binding or using the event channel.
+    #[error("guest {domid} vif {devid}: {what}: {source}")]
+    Hypervisor {
+        /// The guest.
+        domid: DomId,
+        /// The device.
+        devid: u32,
+        /// What was being done.
+        what: String,
+        /// The cause.
+        source: HypervisorError,
+    },
+    /// A shared ring.
+    #[error("guest {domid} vif {devid}: {ring} ring: {source}")]
+    Ring {
+        /// The guest.
+        domid: DomId,
+        /// The device.
+        devid: u32,
+        /// `tx` or `rx`.
+        ring: &'static str,
+        /// The cause.
+        source: RingError,
+    },
+    /// A frontend setting we do not serve.
+    #[error("guest {domid} vif {devid}: frontend asks for {what}")]
+    Unsupported {
+        /// The guest.
+        domid: DomId,
+        /// The device.
+        devid: u32,
+        /// What it asked for.
+        what: String,
+    },
+    /// A TX chain that cannot be delimited.
+    #[error("guest {domid} vif {devid}: TX ring: {source}")]
+    Chain {
+        /// The guest.
+        domid: DomId,
+        /// The device.
+        devid: u32,
+        /// The cause.
+        source: crate::netif::NetifError,
+    },
+    /// Reading the tap.
+    #[error("vif {devid} of guest {domid}: reading tap {tap}: {source}")]
+    TapIo {
+        /// The guest.
+        domid: DomId,
+        /// The device.
+        devid: u32,
+        /// The tap's name.
+        tap: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// `poll` failed.
+    #[error("polling xenstore, event channel and tap fds: {0}")]
+    Poll(nix::Error),
+}
+
+/// What to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VifConfig {
+    /// The guest.
+    pub domid: DomId,
+    /// The device id (`handle`; vif0 is 0).
+    pub devid: u32,
+    /// The backend's domain (0).
+    pub backend_domid: DomId,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+}
+
+impl VifConfig {
+    /// vif `devid` of `domid` from dom0, with a MAC in Xen's `00:16:3e` range derived from the
+    /// guest and device ids.
+    pub fn new(domid: DomId, devid: u32) -> VifConfig {
+        let [d1, d0] = domid.to_be_bytes();
+        VifConfig {
+            domid,
+            devid,
+            backend_domid: 0,
+            mac: [0x00, 0x16, 0x3e, d1 & 0x7f, d0, devid.to_le_bytes()[0]],
+        }
+    }
+
+    /// The MAC as `xx:xx:xx:xx:xx:xx`.
+    pub fn mac_string(&self) -> String {
+        format_mac(&self.mac)
+    }
+
+    /// The default tap name, `kvif<domid>.<devid>` (as the kernel's `vif<domid>.<devid>`).
+    pub fn tap_name(&self) -> String {
+        format!("kvif{}.{}", self.domid, self.devid)
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`; a multicast address (low bit of the first byte) is refused.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *m = u8::from_str_radix(p, 16).ok()?;
+    }
+    (mac[0] & 1 == 0).then_some(mac)
+}
+
+/// Counters of a vif.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VifStats {
+    /// Packets the guest sent that were handed to the sink.
+    pub tx_packets: u64,
+    /// Their bytes.
+    pub tx_bytes: u64,
+    /// TX packets answered with `NETIF_RSP_ERROR` (malformed, bad grant).
+    pub tx_errors: u64,
+    /// TX packets accepted but not delivered (checksum not completable, sink refused).
+    pub tx_dropped: u64,
+    /// Frames put into the guest's receive buffers.
+    pub rx_packets: u64,
+    /// Their bytes.
+    pub rx_bytes: u64,
+    /// RX requests answered with `NETIF_RSP_ERROR` (bad grant; the frame is lost).
+    pub rx_errors: u64,
+    /// Frames from the tap dropped (larger than a page).
+    pub rx_dropped: u64,
+    /// Events sent to the frontend.
+    pub notifies: u64,
+    /// Times the frontend connected.
+    pub connects: u64,
+}
+
+/// Where a vif is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VifStatus {
+    /// Waiting for or serving the frontend.
+    Active(BackendState),
+    /// Ended by a protocol error; the reason.
+    Failed(String),
+    /// The frontend's directory is gone (guest destroyed).
+    Gone,
+}
+
+struct Conn {
+    tx: BackRing,
+    rx: BackRing,
+    port: Port,
+}
+
+/// One virtual network interface of one guest.
+pub struct Vif<'h> {
+    gnttab: &'h dyn GrantTables,
+    xs: Box<dyn XenStore>,
+    evtchn: Box<dyn EventChannels>,
+    paths: DevicePaths,
+    config: VifConfig,
+    /// Frames to the guest are read here.
+    tap: Tap,
+    /// The guest's frames go here.
+    sink: Box<dyn TxSink>,
+    state: BackendState,
+    conn: Option<Conn>,
+    /// The guest has posted receive buffers we have not used (poll the tap).
+    rx_ready: bool,
+    stats: VifStats,
+    failure: Option<String>,
+    gone: bool,
+    token: String,
+    bad_logged: u32,
+    frame: Vec<u8>,
+    rx_buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for Vif<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vif")
+            .field("paths", &self.paths)
+            .field("tap", &self.tap.name())
+            .field("state", &self.state)
+            .field("stats", &self.stats)
+            .field("failure", &self.failure)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'h> Vif<'h> {
+    /// Creates the vif for a guest (normally created paused, before netfront probes): writes
+    /// both xenstore directories with the MAC and the features, publishes `InitWait` and
+    /// watches the frontend. Frames go both ways through `tap` (its clone is the TX sink).
+    /// Nothing is left in xenstore if this fails.
+    pub fn create(
+        gnttab: &'h dyn GrantTables,
+        xs: Box<dyn XenStore>,
+        evtchn: Box<dyn EventChannels>,
+        config: &VifConfig,
+        tap: Tap,
+    ) -> Result<Vif<'h>, VifError> {
+        let paths = DevicePaths::new(
+            xs.as_ref(),
+            config.domid,
+            config.devid,
+            config.backend_domid,
+            FRONTEND_CLASS,
+            BACKEND_TYPE,
+        )?;
+        let sink: Box<dyn TxSink> = Box::new(tap.try_clone()?);
+        let mut vif = Vif {
+            gnttab,
+            xs,
+            evtchn,
+            paths,
+            config: config.clone(),
+            tap,
+            sink,
+            state: BackendState::Xenbus(XenbusState::Unknown),
+            conn: None,
+            rx_ready: false,
+            stats: VifStats::default(),
+            failure: None,
+            gone: false,
+            token: format!("{BACKEND_TYPE}/{}/{}", config.domid, config.devid),
+            bad_logged: 0,
+            frame: Vec::with_capacity(RX_BUF),
+            rx_buf: vec![0; RX_BUF],
+        };
+        let mac = config.mac_string();
+        let front = [("handle", config.devid.to_string()), ("mac", mac.clone())];
+        let back = [
+            ("handle", config.devid.to_string()),
+            ("mac", mac.clone()),
+            ("type", "kemari".to_owned()),
+            ("kemari-tap", vif.tap.name().to_owned()),
+            ("feature-rx-copy", "1".to_owned()),
+            ("feature-rx-flip", "0".to_owned()),
+        ];
+        device::create_nodes(vif.xs.as_ref(), &vif.paths, &front, &back)?;
+        vif.state = BackendState::Xenbus(XenbusState::Initialising);
+        if let Err(e) = vif
+            .start_watch()
+            .and_then(|()| vif.set_state(BackendState::Xenbus(XenbusState::InitWait)))
+        {
+            if let Err(rm) = device::remove_nodes(vif.xs.as_ref(), &vif.paths) {
+                log::warn!("{}: cleanup after a failed create: {rm}", vif.paths.backend);
+            }
+            return Err(e);
+        }
+        log::info!(
+            "{}: vif {} of guest {} (mac {mac}) on tap {}",
+            vif.paths.backend,
+            config.devid,
+            config.domid,
+            vif.tap.name()
+        );
+        Ok(vif)
+    }
+
+    /// Replaces where the guest's frames go (e.g. a sink that holds them until a checkpoint
+    /// is acknowledged); returns the previous sink.
+    pub fn set_tx_sink(&mut self, sink: Box<dyn TxSink>) -> Box<dyn TxSink> {
+        std::mem::replace(&mut self.sink, sink)
+    }
+
+    fn start_watch(&mut self) -> Result<(), VifError> {
+        let path = self.paths.frontend_state();
+        self.xs
+            .watch(&path, &self.token)
+            .map_err(|source| self.hv_err(format!("watching {path}"), source))
+    }
+
+    fn hv_err(&self, what: String, source: HypervisorError) -> VifError {
+        VifError::Hypervisor {
+            domid: self.paths.domid,
+            devid: self.paths.devid,
+            what,
+            source,
+        }
+    }
+
+    fn set_state(&mut self, to: BackendState) -> Result<(), VifError> {
+        device::publish_state(self.xs.as_ref(), &self.paths, self.state, to)?;
+        log::debug!("{}: {} -> {}", self.paths.backend, self.state, to);
+        self.state = to;
+        Ok(())
+    }
+
+    /// The device's xenstore paths.
+    pub fn paths(&self) -> &DevicePaths {
+        &self.paths
+    }
+
+    /// What is served.
+    pub fn config(&self) -> &VifConfig {
+        &self.config
+    }
+
+    /// The tap's interface name.
+    pub fn tap_name(&self) -> &str {
+        self.tap.name()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &VifStats {
+        &self.stats
+    }
+
+    /// The backend's state.
+    pub fn state(&self) -> BackendState {
+        self.state
+    }
+
+    /// Where the device is.
+    pub fn status(&self) -> VifStatus {
+        if self.gone {
+            VifStatus::Gone
+        } else if let Some(f) = &self.failure {
+            VifStatus::Failed(f.clone())
+        } else {
+            VifStatus::Active(self.state)
+        }
+    }
+
+    /// The local event channel port while connected.
+    pub fn local_port(&self) -> Option<Port> {
+        self.conn.as_ref().map(|c| c.port)
+    }
+
+    /// Waits up to `timeout` (`None`: forever) for a frontend state change, a kick, or a
+    /// frame on the tap while the guest has receive buffers, and handles everything pending.
+    /// Errors are dom0-side failures (xenstore, event channel handle, tap); guest
+    /// misbehaviour shows in [`status`](Self::status) instead.
+    pub fn poll(&mut self, timeout: Option<Duration>) -> Result<VifStatus, VifError> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout};
+        let t = match timeout {
+            None => PollTimeout::NONE,
+            Some(d) => PollTimeout::try_from(d).unwrap_or(PollTimeout::MAX),
+        };
+        let tap_ready = {
+            let watch_tap = self.rx_ready && self.conn.is_some();
+            let mut fds = vec![
+                PollFd::new(self.xs.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.evtchn.as_fd(), PollFlags::POLLIN),
+            ];
+            if watch_tap {
+                fds.push(PollFd::new(self.tap.as_fd(), PollFlags::POLLIN));
+            }
+            match nix::poll::poll(&mut fds, t) {
+                Ok(_) | Err(nix::Error::EINTR) => {}
+                Err(e) => return Err(VifError::Poll(e)),
+            }
+            watch_tap
+                && fds
+                    .get(2)
+                    .and_then(|f| f.revents())
+                    .is_some_and(|r| !r.is_empty())
+        };
+        while let Some(ev) = self
+            .xs
+            .read_watch(Some(Duration::ZERO))
+            .map_err(|e| self.hv_err("reading xenstore watches".into(), e))?
+        {
+            if ev.token == self.token {
+                self.frontend_changed()?;
+            }
+        }
+        let mut served = false;
+        while let Some(port) = self
+            .evtchn
+            .pending()
+            .map_err(|e| self.hv_err("taking a pending event".into(), e))?
+        {
+            if self.local_port() == Some(port) {
+                self.serve()?;
+                served = true;
+            }
+            if self.local_port() == Some(port) {
+                self.evtchn
+                    .unmask(port)
+                    .map_err(|e| self.hv_err(format!("unmasking port {port}"), e))?;
+                // RING_FINAL_CHECK after unmask: a kick latched before it is not lost
+                self.serve()?;
+            }
+        }
+        if tap_ready && !served {
+            self.serve()?;
+        }
+        Ok(self.status())
+    }
+
+    /// Serves until the guest is gone or `stop` is set (checked every 200 ms); then closes the
+    /// device and removes its nodes.
+    pub fn run(&mut self, stop: &AtomicBool) -> Result<VifStatus, VifError> {
+        while !stop.load(Ordering::Relaxed) {
+            if self.poll(Some(Duration::from_millis(200)))? == VifStatus::Gone {
+                break;
+            }
+        }
+        let status = self.status();
+        self.shutdown()?;
+        Ok(status)
+    }
+
+    /// Disconnects and removes the device's xenstore nodes.
+    pub fn shutdown(&mut self) -> Result<(), VifError> {
+        self.disconnect();
+        if let Err(e) = self.xs.unwatch(&self.paths.frontend_state(), &self.token) {
+            log::debug!("{}: unwatch: {e}", self.paths.backend);
+        }
+        device::remove_nodes(self.xs.as_ref(), &self.paths)?;
+        Ok(())
+    }
+
+    fn frontend_changed(&mut self) -> Result<(), VifError> {
+        let front = match device::frontend_state(self.xs.as_ref(), &self.paths) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                if !self.gone {
+                    log::info!(
+                        "{}: frontend {} is gone",
+                        self.paths.backend,
+                        self.paths.frontend
+                    );
+                }
+                self.disconnect();
+                self.gone = true;
+                return Ok(());
+            }
+            Err(DeviceError::State(e)) => {
+                self.fail(format!("frontend state: {e}"));
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if self.failure.is_some() || self.gone {
+            return Ok(());
+        }
+        match react(self.state, front) {
+            Reaction::None => {}
+            Reaction::Connect => match self.connect() {
+                Ok(()) => {
+                    self.set_state(BackendState::Xenbus(XenbusState::Connected))?;
+                    log::info!(
+                        "{}: connected (port {:?}, tap {})",
+                        self.paths.backend,
+                        self.local_port(),
+                        self.tap.name()
+                    );
+                    self.serve()?;
+                }
+                Err(e @ (VifError::Device(DeviceError::Xenstore { .. }) | VifError::Poll(_))) => {
+                    return Err(e)
+                }
+                Err(e) => self.fail(format!("connecting: {e}")),
+            },
+            Reaction::Close => {
+                self.disconnect();
+                if self.state != BackendState::Xenbus(XenbusState::Closing)
+                    && self.state != BackendState::Xenbus(XenbusState::Closed)
+                {
+                    self.set_state(BackendState::Xenbus(XenbusState::Closing))?;
+                }
+                if front == XenbusState::Closed
+                    && self.state == BackendState::Xenbus(XenbusState::Closing)
+                {
+                    self.set_state(BackendState::Xenbus(XenbusState::Closed))?;
+                }
+            }
+            Reaction::Reinitialise => {
+                if self
+                    .state
+                    .check_transition(BackendState::Xenbus(XenbusState::InitWait))
+                    .is_ok()
+                {
+                    self.set_state(BackendState::Xenbus(XenbusState::InitWait))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the frontend's ring references, event channel and settings, maps both rings and
+    /// binds the channel.
+    fn connect(&mut self) -> Result<(), VifError> {
+        let unsupported = |what: String| VifError::Unsupported {
+            domid: self.paths.domid,
+            devid: self.paths.devid,
+            what,
+        };
+        let xs = self.xs.as_ref();
+        let read = |node: &str| device::read_front(xs, &self.paths, node);
+        if let Some(n) = read("multi-queue-num-queues")? {
+            if n.trim() != "1" {
+                return Err(unsupported(format!(
+                    "multi-queue-num-queues {n:?} (no multi-queue-max-queues offered)"
+                )));
+            }
+        }
+        if read("event-channel-tx")?.is_some() || read("event-channel-rx")?.is_some() {
+            return Err(unsupported(
+                "split event channels (feature-split-event-channels not offered)".into(),
+            ));
+        }
+        for node in ["request-rx-copy", "feature-rx-notify"] {
+            let v = read(node)?;
+            if v.as_deref().map(str::trim) != Some("1") {
+                return Err(unsupported(format!(
+                    "{node} = {:?} (only 1 is served)",
+                    v.unwrap_or_else(|| "<missing>".into())
+                )));
+            }
+        }
+        let tx_ref = device::read_front_u32(xs, &self.paths, "tx-ring-ref")?;
+        let rx_ref = device::read_front_u32(xs, &self.paths, "rx-ring-ref")?;
+        let remote_port = device::read_front_u32(xs, &self.paths, "event-channel")?;
+        let (domid, devid) = (self.paths.domid, self.paths.devid);
+        let map = |r: GrantRef, name: &'static str| -> Result<BackRing, VifError> {
+            let m = self
+                .gnttab
+                .map_grant_refs(domid, &[r], true)
+                .map_err(|e| self.hv_err(format!("mapping {name} ring grant {r}"), e))?;
+            let entry = if name == "tx" {
+                TX_ENTRY_SIZE
+            } else {
+                RX_ENTRY_SIZE
+            };
+            BackRing::new(m, entry).map_err(|source| VifError::Ring {
+                domid,
+                devid,
+                ring: name,
+                source,
+            })
+        };
+        let tx = map(tx_ref, "tx")?;
+        let rx = map(rx_ref, "rx")?;
+        let port = self
+            .evtchn
+            .bind_interdomain(domid, remote_port)
+            .map_err(|e| self.hv_err(format!("binding event channel {remote_port}"), e))?;
+        self.conn = Some(Conn { tx, rx, port });
+        self.rx_ready = false;
+        self.stats.connects += 1;
+        Ok(())
+    }
+
+    fn disconnect(&mut self) {
+        self.rx_ready = false;
+        if let Some(conn) = self.conn.take() {
+            if let Err(e) = self.evtchn.unbind(conn.port) {
+                log::warn!("{}: unbinding port {}: {e}", self.paths.backend, conn.port);
+            }
+            // dropping the rings unmaps them
+        }
+    }
+
+    /// Ends the device after a protocol error: logged once, published, rings unmapped.
+    fn fail(&mut self, why: String) {
+        if self.failure.is_some() {
+            return;
+        }
+        log::warn!(
+            "{}: guest {} broke the protocol, vif closed: {why}",
+            self.paths.backend,
+            self.paths.domid
+        );
+        self.disconnect();
+        if let Err(e) = device::write_back(self.xs.as_ref(), &self.paths, ERROR_NODE, &why) {
+            log::warn!("{}: {e}", self.paths.backend);
+        }
+        for to in [XenbusState::Closing, XenbusState::Closed] {
+            let to = BackendState::Xenbus(to);
+            if self.state != to {
+                if let Err(e) = self.set_state(to) {
+                    log::warn!("{}: {e}", self.paths.backend);
+                }
+            }
+        }
+        self.failure = Some(why);
+    }
+
+    fn bad_request(&mut self, msg: std::fmt::Arguments<'_>) {
+        self.bad_logged = self.bad_logged.saturating_add(1);
+        if self.bad_logged <= LOGGED_BAD_REQUESTS {
+            log::warn!("{}: {msg}", self.paths.backend);
+            if self.bad_logged == LOGGED_BAD_REQUESTS {
+                log::warn!(
+                    "{}: further bad requests of this vif are logged at debug level",
+                    self.paths.backend
+                );
+            }
+        } else {
+            log::debug!("{}: {msg}", self.paths.backend);
+        }
+    }
+
+    /// Serves both rings (guest TX, then frames for the guest while it has buffers),
+    /// publishes the responses and notifies the frontend if it asked. A protocol error ends
+    /// the device; only dom0-side failures are returned.
+    fn serve(&mut self) -> Result<(), VifError> {
+        let Some(mut conn) = self.conn.take() else {
+            return Ok(());
+        };
+        let result = self.serve_conn(&mut conn);
+        self.conn = Some(conn);
+        match result {
+            Ok(()) => Ok(()),
+            Err(
+                e @ (VifError::Ring {
+                    source: RingError::Overflow { .. } | RingError::Access(_),
+                    ..
+                }
+                | VifError::Chain { .. }),
+            ) => {
+                self.fail(e.to_string());
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn ring_err(&self, ring: &'static str) -> impl Fn(RingError) -> VifError {
+        let (domid, devid) = (self.paths.domid, self.paths.devid);
+        move |source| VifError::Ring {
+            domid,
+            devid,
+            ring,
+            source,
+        }
+    }
+
+    fn serve_conn(&mut self, conn: &mut Conn) -> Result<(), VifError> {
+        loop {
+            let mut notify = self.serve_tx(conn)?;
+            notify |= self.serve_rx(conn)?;
+            if notify {
+                self.evtchn
+                    .notify(conn.port)
+                    .map_err(|e| self.hv_err(format!("notifying port {}", conn.port), e))?;
+                self.stats.notifies += 1;
+            }
+            let tx_more = conn.tx.final_check().map_err(self.ring_err("tx"))?;
+            // receive buffers waiting: keep reading the tap; none: ask for a kick when the
+            // guest posts some
+            let rx_more = if conn.rx.unconsumed().map_err(self.ring_err("rx"))? > 0 {
+                self.rx_ready = true;
+                false
+            } else {
+                self.rx_ready = false;
+                conn.rx.final_check().map_err(self.ring_err("rx"))?
+            };
+            if !tx_more && !rx_more {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Takes every queued TX request, transmits the packets, writes the responses; true if
+    /// the frontend wants an event.
+    fn serve_tx(&mut self, conn: &mut Conn) -> Result<bool, VifError> {
+        let err = self.ring_err("tx");
+        let n = conn.tx.unconsumed().map_err(&err)?;
+        if n == 0 {
+            return Ok(false);
+        }
+        let mut slots = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let mut e = [0u8; TX_ENTRY_SIZE];
+            conn.tx.take_request(&mut e).map_err(&err)?;
+            slots.push(e);
+        }
+        let mut at = 0;
+        while at < slots.len() {
+            // nothing beyond what the guest produced: a chain running past req_prod is fatal
+            let chain =
+                parse_tx_packet(&slots[at..], |_| false).map_err(|source| VifError::Chain {
+                    domid: self.paths.domid,
+                    devid: self.paths.devid,
+                    source,
+                })?;
+            let status = match &chain.packet {
+                Ok(p) => self.transmit(p),
+                Err(e) => {
+                    self.bad_request(format_args!("dropped TX packet: {e}"));
+                    NETIF_RSP_ERROR
+                }
+            };
+            if status != NETIF_RSP_OKAY {
+                self.stats.tx_errors += 1;
+            }
+            for &(id, extra) in &chain.ids {
+                let rsp = TxResponse {
+                    id: U16::new(id),
+                    status: I16::new(if extra { NETIF_RSP_NULL } else { status }),
+                };
+                conn.tx.put_response(rsp.as_bytes()).map_err(&err)?;
+            }
+            at += chain.consumed.max(1);
+        }
+        conn.tx.push_responses().map_err(&err)
+    }
+
+    /// Copies a validated packet out of the guest's pages (mapped read-only in one batch,
+    /// unmapped before its responses are written, as netfront revokes the grants on them),
+    /// completes its checksum if the guest left it, and hands it to the sink.
+    fn transmit(&mut self, p: &TxPacket) -> i16 {
+        let refs: Vec<GrantRef> = p.slots.iter().map(|s| s.gref).collect();
+        self.frame.clear();
+        self.frame.resize(p.size, 0);
+        let copied = (|| -> Result<(), HypervisorError> {
+            let m = self.gnttab.map_grant_refs(self.paths.domid, &refs, false)?;
+            let mut pos = 0;
+            for (i, s) in p.slots.iter().enumerate() {
+                m.read(i * PAGE_SIZE + s.offset, &mut self.frame[pos..pos + s.len])?;
+                pos += s.len;
+            }
+            Ok(())
+        })();
+        if let Err(e) = copied {
+            self.bad_request(format_args!("TX packet of {} bytes: {e}", p.size));
+            return NETIF_RSP_ERROR;
+        }
+        if p.csum_blank {
+            if let Err(e) = complete_checksum(&mut self.frame) {
+                self.stats.tx_dropped += 1;
+                self.bad_request(format_args!("TX packet with a blank checksum dropped: {e}"));
+                return NETIF_RSP_OKAY;
+            }
+        }
+        match self.sink.deliver(&self.frame) {
+            Ok(()) => {
+                self.stats.tx_packets += 1;
+                self.stats.tx_bytes += p.size as u64;
+            }
+            Err(e) => {
+                self.stats.tx_dropped += 1;
+                if self.stats.tx_dropped <= u64::from(LOGGED_BAD_REQUESTS) {
+                    log::warn!(
+                        "{}: frame to {} lost: {e}",
+                        self.paths.backend,
+                        self.tap.name()
+                    );
+                } else {
+                    log::debug!(
+                        "{}: frame to {} lost: {e}",
+                        self.paths.backend,
+                        self.tap.name()
+                    );
+                }
+            }
+        }
+        NETIF_RSP_OKAY
+    }
+
+    /// Moves frames from the tap into the guest's posted receive buffers; true if the
+    /// frontend wants an event.
+    fn serve_rx(&mut self, conn: &mut Conn) -> Result<bool, VifError> {
+        let err = self.ring_err("rx");
+        let mut avail = conn.rx.unconsumed().map_err(&err)?;
+        while avail > 0 {
+            let len = match self.tap.recv(&mut self.rx_buf) {
+                Ok(Some(n)) => n,
+                Ok(None) => break,
+                Err(source) => {
+                    return Err(VifError::TapIo {
+                        domid: self.paths.domid,
+                        devid: self.paths.devid,
+                        tap: self.tap.name().to_owned(),
+                        source,
+                    })
+                }
+            };
+            if len > PAGE_SIZE || len == 0 {
+                self.stats.rx_dropped += 1;
+                continue;
+            }
+            let mut e = [0u8; RX_ENTRY_SIZE];
+            conn.rx.take_request(&mut e).map_err(&err)?;
+            avail -= 1;
+            let req = RxRequest::read_from_bytes(&e[..]).map_err(|_| {
+                err(RingError::TooSmall {
+                    len: e.len(),
+                    entry_size: RX_ENTRY_SIZE,
+                })
+            })?;
+            let written = self
+                .gnttab
+                .map_grant_refs(self.paths.domid, &[req.gref.get()], true)
+                .and_then(|m: Box<dyn GrantMapping>| m.write(0, &self.rx_buf[..len]));
+            let status = match written {
+                Ok(()) => {
+                    self.stats.rx_packets += 1;
+                    self.stats.rx_bytes += len as u64;
+                    // lossless: len <= PAGE_SIZE
+                    i16::try_from(len).unwrap_or(NETIF_RSP_ERROR)
+                }
+                Err(e) => {
+                    self.stats.rx_errors += 1;
+                    self.bad_request(format_args!(
+                        "RX buffer {} (grant {}): {e}; frame of {len} bytes lost",
+                        req.id.get(),
+                        req.gref.get()
+                    ));
+                    NETIF_RSP_ERROR
+                }
+            };
+            let rsp = RxResponse {
+                id: req.id,
+                offset: U16::new(0),
+                flags: U16::new(0),
+                status: I16::new(status),
+            };
+            conn.rx.put_response(rsp.as_bytes()).map_err(&err)?;
+        }
+        conn.rx.push_responses().map_err(&err)
+    }
+}
+
+impl Drop for Vif<'_> {
+    fn drop(&mut self) {
+        self.disconnect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs() {
+        let c = VifConfig::new(0x1234, 3);
+        assert_eq!(c.mac_string(), "00:16:3e:12:34:03");
+        assert_eq!(parse_mac("00:16:3e:12:34:03"), Some(c.mac));
+        assert_eq!(c.tap_name(), "kvif4660.3");
+        for bad in [
+            "",
+            "00:16:3e:12:34",
+            "00:16:3e:12:34:3",
+            "01:00:5e:00:00:01",
+            "zz:16:3e:12:34:03",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+    }
+}
