@@ -130,6 +130,10 @@ gen_lib xenctrl.rs XenCtrlLib libxenctrl.so.4.17 \
   xc_evtchn_status xc_evtchn_alloc_unbound \
   xc_domain_add_to_physmap xc_domain_maximum_gpfn
 
+# libxenguest: only xc_domain_resume (fast resume of a suspended guest: Remus-style checkpoints).
+gen_lib xenguest.rs XenGuestLib libxenguest.so.4.17 \
+  xc_domain_resume
+
 gen_lib xenevtchn.rs XenEvtchnLib libxenevtchn.so.1 \
   xenevtchn_open xenevtchn_close xenevtchn_fd xenevtchn_notify \
   xenevtchn_bind_interdomain xenevtchn_bind_unbound_port xenevtchn_unbind \

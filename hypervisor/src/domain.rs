@@ -106,6 +106,12 @@ pub trait DomainControl: Send + Sync {
     /// Drops one toolstack pause reference; the domain runs again when the count reaches zero.
     fn unpause(&self, domid: DomId) -> Result<()>;
 
+    /// Lets a domain that shut down for suspend run again (`xc_domain_resume`). With `fast`
+    /// (Remus' checkpoints), the guest's suspend hypercall returns 1, "cancelled", and the
+    /// guest goes on with all its Xen-side state; without it, the guest resumes as in a new
+    /// domain. A domain not shut down for suspend fails with `EINVAL`.
+    fn resume(&self, domid: DomId, fast: bool) -> Result<()>;
+
     /// The whole HVM context in Xen's save format (a sequence of records, see
     /// [`hvm_save`](crate::hvm_save)): opaque bytes to carry to the secondary.
     fn hvm_context(&self, domid: DomId) -> Result<Vec<u8>>;

@@ -145,6 +145,8 @@ methods! {
     Pause => "pause",
     /// [`DomainControl::unpause`](crate::DomainControl::unpause) (`xc_domain_unpause`).
     Unpause => "unpause",
+    /// [`DomainControl::resume`](crate::DomainControl::resume) (`xc_domain_resume`).
+    Resume => "resume",
     /// [`DomainControl::hvm_context`](crate::DomainControl::hvm_context) (`xc_domain_hvm_getcontext`).
     HvmContext => "hvm_context",
     /// [`DomainControl::set_hvm_context`](crate::DomainControl::set_hvm_context) (`xc_domain_hvm_setcontext`).

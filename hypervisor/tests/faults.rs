@@ -56,6 +56,17 @@ fn exercise(fx: &Fixture, method: Method) -> Option<Result<(), HypervisorError>>
             xen.pause(d).expect("test setup");
             xen.unpause(d)
         }
+        Method::Resume => {
+            xen.guest(d)
+                .shutdown(hypervisor::ShutdownReason::Suspend)
+                .expect("test setup");
+            let r = xen.resume(d, true);
+            if r.is_err() {
+                // Leave the fixture running for the next method.
+                xen.resume(d, true).expect("test setup");
+            }
+            r
+        }
         Method::HvmContext => xen.hvm_context(d).map(drop),
         Method::SetHvmContext => {
             let ctx = xen.hvm_context(d).expect("test setup");

@@ -449,3 +449,25 @@ fn pause_guard_unpauses_exactly_once() {
     assert_eq!(errno(guard.unpause()), Errno::EBUSY);
     assert_eq!(faults.calls(Method::Unpause), 3, "not retried by a drop");
 }
+
+#[test]
+fn resume_only_after_a_suspend() {
+    let xen = MemXen::new();
+    let d = xen.create_domain(DomainConfig::hvm(8)).unwrap();
+    // Running, or shut down for another reason: EINVAL, nothing changes.
+    assert_eq!(errno(xen.resume(d, true)), Errno::EINVAL);
+    xen.guest(d).shutdown(ShutdownReason::Suspend).unwrap();
+    assert!(!xen.domain_info(d).unwrap().running);
+    xen.resume(d, true).unwrap();
+    let info = xen.domain_info(d).unwrap();
+    assert_eq!(info.shutdown, None);
+    assert!(info.running);
+    assert_eq!(xen.resume_counts(d), Some((1, 1)));
+    assert_eq!(errno(xen.resume(d, true)), Errno::EINVAL);
+    xen.guest(d).shutdown(ShutdownReason::Suspend).unwrap();
+    xen.resume(d, false).unwrap();
+    assert_eq!(xen.resume_counts(d), Some((2, 1)));
+    xen.guest(d).shutdown(ShutdownReason::Crash).unwrap();
+    assert_eq!(errno(xen.resume(d, true)), Errno::EINVAL);
+    assert_eq!(errno(xen.resume(99, true)), Errno::ESRCH);
+}

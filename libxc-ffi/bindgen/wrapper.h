@@ -3,6 +3,7 @@
  * Generated output lives in libxc-ffi/src/sys/; do not edit it by hand.
  */
 #include <xenctrl.h>
+#include <xenguest.h>
 #include <xenevtchn.h>
 #include <xengnttab.h>
 #include <xenforeignmemory.h>

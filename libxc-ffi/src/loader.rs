@@ -12,6 +12,9 @@ use libloading::Library;
 
 /// Soname of libxenctrl for Xen 4.17 (unstable ABI: one soname per Xen release).
 pub const SONAME_XENCTRL: &str = "libxenctrl.so.4.17";
+/// Soname of libxenguest for Xen 4.17 (unstable ABI; loaded on first use, for
+/// `xc_domain_resume` only).
+pub const SONAME_XENGUEST: &str = "libxenguest.so.4.17";
 /// Soname of libxenevtchn (stable ABI).
 pub const SONAME_XENEVTCHN: &str = "libxenevtchn.so.1";
 /// Soname of libxengnttab (stable ABI).

@@ -14,6 +14,7 @@ use crate::loader::{self, LibraryPaths, LoadError};
 use crate::logger::logger_ptr;
 use crate::sys::types as t;
 use crate::sys::xenctrl::XenCtrlLib;
+use crate::sys::xenguest::XenGuestLib;
 
 /// The only hypervisor version libxc-ffi accepts.
 pub const SUPPORTED_XEN: XenVersion = XenVersion {
@@ -121,6 +122,10 @@ pub fn check_version(raw: u32) -> Result<XenVersion, XcError> {
 pub(crate) struct XcInner {
     lib: XenCtrlLib,
     xch: NonNull<t::xc_interface>,
+    /// libxenguest, loaded on first use (only `xc_domain_resume` is needed from it). Declared
+    /// after `lib`, so it is unloaded after the handle is closed; it links libxenctrl itself,
+    /// so the `xc_interface` it is given is of its own library's kind.
+    guest: std::sync::OnceLock<XenGuestLib>,
 }
 
 // SAFETY: the xc_interface handle may be used from any thread (libxenctrl is reentrant when
@@ -184,7 +189,11 @@ impl XenCtrl {
                 errno: Errno::last(),
             });
         };
-        let inner = Arc::new(XcInner { lib, xch });
+        let inner = Arc::new(XcInner {
+            lib,
+            xch,
+            guest: std::sync::OnceLock::new(),
+        });
         // SAFETY: XENVER_version takes no argument buffer (NULL) and returns the version.
         let rc = unsafe {
             (inner.lib.xc_version)(
@@ -313,6 +322,51 @@ impl XenCtrl {
         let rc = unsafe { (self.lib().xc_domain_unpause)(self.xch(), domid) };
         if rc != 0 {
             return Err(Self::dom_err("xc_domain_unpause", domid));
+        }
+        Ok(())
+    }
+
+    /// `xc_domain_resume` (libxenguest, loaded from [`loader::SONAME_XENGUEST`] on first
+    /// use): lets a domain that shut down for suspend run again. `fast` (what Remus does after
+    /// each checkpoint): the guest sees its suspend hypercall return 1, "cancelled", and goes on
+    /// with its event channels, grant tables and xenstore connection as they were; without it,
+    /// the guest is resumed as if in a new domain (libxc resets its state first).
+    pub fn domain_resume(&self, domid: u32, fast: bool) -> Result<(), XcError> {
+        let guest = match self.inner.guest.get() {
+            Some(g) => g,
+            None => {
+                let lib = loader::load(
+                    std::ffi::OsStr::new(loader::SONAME_XENGUEST),
+                    &LibraryPaths::default().search_dirs,
+                    XenGuestLib::from_library::<libloading::Library>,
+                )?;
+                // Another thread may have won the race: either copy is the same library.
+                let _ = self.inner.guest.set(lib);
+                match self.inner.guest.get() {
+                    Some(g) => g,
+                    None => {
+                        return Err(XcError::Invalid {
+                            op: "xc_domain_resume",
+                            domid,
+                            reason: "libxenguest loaded but not kept".into(),
+                        })
+                    }
+                }
+            }
+        };
+        clear_errno();
+        // SAFETY: the handle is a valid xc_interface of libxenctrl 4.17, which libxenguest
+        // 4.17 (linked against that same library) takes; plain integer arguments.
+        let rc = unsafe { (guest.xc_domain_resume)(self.xch(), domid, i32::from(fast)) };
+        if rc != 0 {
+            return Err(Self::dom_err(
+                if fast {
+                    "xc_domain_resume(fast)"
+                } else {
+                    "xc_domain_resume"
+                },
+                domid,
+            ));
         }
         Ok(())
     }

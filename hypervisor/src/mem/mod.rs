@@ -169,6 +169,9 @@ pub(crate) struct Domain {
     pub(crate) pages: HashMap<Pfn, Arc<Page>>,
     pub(crate) pause_count: u32,
     pub(crate) shutdown: Option<ShutdownReason>,
+    /// Resumes after a suspend ([`DomainControl::resume`]): all, and the fast ones.
+    pub(crate) resumes: u64,
+    pub(crate) fast_resumes: u64,
     pub(crate) log_dirty: Option<LogDirtyState>,
     pub(crate) hvm_context: Vec<u8>,
     pub(crate) vcpu_contexts: Vec<Vec<u8>>,
@@ -431,6 +434,8 @@ impl MemXen {
                 pages: HashMap::new(),
                 pause_count: 0,
                 shutdown: None,
+                resumes: 0,
+                fast_resumes: 0,
                 log_dirty: None,
                 hvm_context: Vec::new(),
                 vcpu_contexts: vec![vec![0; 16]],
@@ -485,6 +490,8 @@ impl MemXen {
                     pages: HashMap::new(),
                     pause_count: 0,
                     shutdown: None,
+                    resumes: 0,
+                    fast_resumes: 0,
                     log_dirty: None,
                     hvm_context,
                     vcpu_contexts: (0..vcpus)
@@ -554,6 +561,15 @@ impl MemXen {
             .domains
             .get(&domid)
             .map(|d| d.unpaused_snapshots)
+    }
+
+    /// How many times the domain was resumed after a suspend, and how many of those were fast
+    /// (suspend cancelled) (`None`: no such domain).
+    pub fn resume_counts(&self, domid: DomId) -> Option<(u64, u64)> {
+        lock(&self.shared.host)
+            .domains
+            .get(&domid)
+            .map(|d| (d.resumes, d.fast_resumes))
     }
 
     /// Whether log-dirty mode is on (`None`: no such domain).
@@ -649,6 +665,29 @@ impl DomainControl for MemXen {
             });
         }
         dom.pause_count -= 1;
+        if dom.pause_count == 0 {
+            self.shared.unpaused.notify_all();
+        }
+        Ok(())
+    }
+
+    fn resume(&self, domid: DomId, fast: bool) -> Result<()> {
+        let op = Method::Resume;
+        self.shared.fault_dom(op, domid)?;
+        let mut host = lock(&self.shared.host);
+        let dom = host.domain(op, domid)?;
+        if dom.shutdown != Some(ShutdownReason::Suspend) {
+            return Err(HypervisorError::Domain {
+                op,
+                domid,
+                errno: Errno::EINVAL,
+            });
+        }
+        dom.shutdown = None;
+        dom.resumes += 1;
+        if fast {
+            dom.fast_resumes += 1;
+        }
         if dom.pause_count == 0 {
             self.shared.unpaused.notify_all();
         }

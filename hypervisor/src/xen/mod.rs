@@ -321,6 +321,12 @@ impl DomainControl for XenHost {
             .map_err(|e| errors::xc_domain(Method::Pause, domid, e))
     }
 
+    fn resume(&self, domid: DomId, fast: bool) -> Result<()> {
+        self.xc
+            .domain_resume(u32::from(domid), fast)
+            .map_err(|e| errors::xc_domain(Method::Resume, domid, e))
+    }
+
     fn unpause(&self, domid: DomId) -> Result<()> {
         self.xc
             .unpause(u32::from(domid))

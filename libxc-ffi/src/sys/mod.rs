@@ -24,4 +24,5 @@ pub mod xenctrl;
 pub mod xenevtchn;
 pub mod xenforeignmemory;
 pub mod xengnttab;
+pub mod xenguest;
 pub mod xenstore;

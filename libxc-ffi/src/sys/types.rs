@@ -8634,12 +8634,12 @@ fn bindgen_test_layout_vcpu_guest_context_any_t() {
 pub type xc_shadow_op_stats_t = xen_domctl_shadow_op_stats;
 pub type xc_evtchn_port_or_error_t = core::ffi::c_int;
 pub type xc_evtchn_status_t = evtchn_status;
-pub type xenevtchn_port_or_error_t = core::ffi::c_int;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct xenevtchn_handle {
     _unused: [u8; 0],
 }
+pub type xenevtchn_port_or_error_t = core::ffi::c_int;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct xengntdev_handle {
