@@ -46,9 +46,10 @@ enum Command {
     Debug(DebugCommand),
     #[command(flatten)]
     Sync(sync_cmd::SyncCommand),
-    /// Serve a disk image to a guest with Kemari's userspace blkback (foreground): creates the
-    /// device nodes for a guest created paused without that disk (`xl create -p`), optionally
-    /// unpauses it, and serves until the guest is gone or SIGINT/SIGTERM (docs/backends.md).
+    /// Serve a disk image (userspace blkback) and/or a NIC on a dom0 tap (userspace netback) to
+    /// a guest (foreground): creates the device nodes for a guest created paused without them
+    /// (`xl create -p`), optionally unpauses it, and serves until the guest is gone or
+    /// SIGINT/SIGTERM (docs/backends.md).
     Attach(attach_cmd::AttachArgs),
 }
 
