@@ -22,10 +22,12 @@
 //! device (state `Closed`, reason in the backend's `kemari-error` node), logged once. Nothing
 //! a guest does can panic the backend or make it touch memory outside its mappings.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use hypervisor::{
     DomId, EventChannels, GrantMapping, GrantRef, GrantTables, HypervisorError, Port, XenStore,
@@ -38,6 +40,7 @@ use crate::blkif::{
     Segment, BLKIF_OP_INDIRECT, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, ENTRY_SIZE, MAX_INDIRECT_SEGMENTS,
     SECTOR_SIZE, SEGMENT_SIZE, VDISK_READONLY,
 };
+use crate::commit::{self, LoggedOp, OutputGate, ReleaseRecord};
 use crate::device::{self, DeviceError, DevicePaths};
 use crate::disk::{Disk, DiskError};
 use crate::journal::{Journal, JournalError, RingIdentity};
@@ -114,6 +117,16 @@ pub enum VbdError {
     /// `poll` failed.
     #[error("polling xenstore and event channel fds: {0}")]
     Poll(nix::Error),
+    /// The output gate's wake-up socket could not be made.
+    #[error("guest {domid} device {devid}: output commit wake-up socket: {source}")]
+    Waker {
+        /// The guest.
+        domid: DomId,
+        /// The device.
+        devid: u32,
+        /// What failed.
+        source: std::io::Error,
+    },
     /// The in-flight journal could not be opened.
     #[error("guest {domid} device {devid}: {source}")]
     Journal {
@@ -187,6 +200,49 @@ pub struct VbdStats {
     pub oneoff_maps: u64,
     /// Requests taken from the in-flight journal instead of the ring after a takeover.
     pub replayed: u64,
+    /// Requests held for output commit (answered only after their checkpoint's ACK).
+    pub held: u64,
+    /// Held requests dropped unanswered (the device closed, or the process stopped while the
+    /// guest was held at a checkpoint).
+    pub held_dropped: u64,
+}
+
+/// What a held request does when it is released.
+enum HeldWork {
+    /// Write data copied from the guest when the request was taken.
+    Write {
+        sector: u64,
+        data: Arc<[u8]>,
+        flush: bool,
+    },
+    Flush,
+    Discard {
+        sector: u64,
+        nr_sectors: u64,
+    },
+    /// A read queued behind held output (served in ring order).
+    Read(Request),
+}
+
+impl HeldWork {
+    fn name(&self) -> &'static str {
+        match self {
+            HeldWork::Write { .. } => "write",
+            HeldWork::Flush => "flush",
+            HeldWork::Discard { .. } => "discard",
+            HeldWork::Read(_) => "read",
+        }
+    }
+}
+
+/// A request taken from the ring and held until its epoch's checkpoint is ACKed.
+struct Held {
+    id: u64,
+    op: u8,
+    /// 0: not held by the gate (queued behind held requests only).
+    epoch: u64,
+    taken: Instant,
+    work: HeldWork,
 }
 
 /// Where a device is.
@@ -229,6 +285,11 @@ pub struct Vbd<'h> {
     bad_logged: u32,
     buf: Vec<u8>,
     journal_path: Option<PathBuf>,
+    /// Output commit: the gate shared with the synchronization engine, its wake-up socket,
+    /// and the requests held in ring order.
+    gate: Option<Arc<OutputGate>>,
+    waker: Option<UnixStream>,
+    held: VecDeque<Held>,
 }
 
 impl std::fmt::Debug for Vbd<'_> {
@@ -282,6 +343,9 @@ impl<'h> Vbd<'h> {
             token,
             bad_logged: 0,
             buf: Vec::new(),
+            gate: None,
+            waker: None,
+            held: VecDeque::new(),
             journal_path: config.journal_dir.as_ref().map(|d| {
                 d.join(format!(
                     "{BACKEND_TYPE}-{}-{}.journal",
@@ -469,13 +533,22 @@ impl<'h> Vbd<'h> {
             Some(d) => PollTimeout::try_from(d).unwrap_or(PollTimeout::MAX),
         };
         {
-            let mut fds = [
+            let mut fds = vec![
                 PollFd::new(self.xs.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.evtchn.as_fd(), PollFlags::POLLIN),
             ];
+            if let Some(w) = &self.waker {
+                fds.push(PollFd::new(std::os::fd::AsFd::as_fd(w), PollFlags::POLLIN));
+            }
             match nix::poll::poll(&mut fds, t) {
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(e) => return Err(VbdError::Poll(e)),
+            }
+        }
+        if let Some(w) = &self.waker {
+            commit::drain_waker(w);
+            if !self.held.is_empty() {
+                self.serve()?;
             }
         }
         while let Some(ev) = self
@@ -514,6 +587,10 @@ impl<'h> Vbd<'h> {
             if self.poll(Some(Duration::from_millis(200)))? == VbdStatus::Gone {
                 break;
             }
+        }
+        // output released just before the stop (the last ACK of a held checkpoint) goes out
+        if !self.held.is_empty() {
+            self.serve()?;
         }
         let status = self.status();
         self.shutdown()?;
@@ -681,6 +758,15 @@ impl<'h> Vbd<'h> {
     }
 
     fn disconnect(&mut self) {
+        if !self.held.is_empty() {
+            log::info!(
+                "{}: {} requests held for output commit dropped unanswered (device closed)",
+                self.paths.backend,
+                self.held.len()
+            );
+            self.stats.held_dropped += self.held.len() as u64;
+            self.held.clear();
+        }
         // persistent mappings end with the connection (dropping them unmaps)
         self.pcache.clear();
         self.persistent = false;
@@ -759,15 +845,26 @@ impl<'h> Vbd<'h> {
         };
         loop {
             let n = conn.ring.unconsumed().map_err(ring_err)?;
+            let mut newly_held = false;
             for _ in 0..n {
                 let mut entry = [0u8; ENTRY_SIZE];
                 let index = conn.ring.req_cons();
                 conn.ring.take_request(&mut entry).map_err(ring_err)?;
                 self.journal_request(conn, index, &mut entry);
-                let rsp = self.handle(&entry);
-                conn.ring.put_response(rsp.as_bytes()).map_err(ring_err)?;
-                self.stats.requests += 1;
+                match self.admit(&entry) {
+                    Some(rsp) => {
+                        conn.ring.put_response(rsp.as_bytes()).map_err(ring_err)?;
+                        self.stats.requests += 1;
+                    }
+                    None => newly_held = true,
+                }
             }
+            if newly_held {
+                if let Some(g) = &self.gate {
+                    g.kick();
+                }
+            }
+            self.release_held(conn).map_err(ring_err)?;
             if conn.ring.push_responses().map_err(ring_err)? {
                 self.evtchn
                     .notify(conn.port)
@@ -807,6 +904,248 @@ impl<'h> Vbd<'h> {
             );
             conn.journal = None;
         }
+    }
+
+    /// Puts the device under output commit: from now on writes, flushes and discards taken
+    /// from the ring are held until `gate` releases their epoch (writes and discards are also
+    /// appended to its disk write log), each pass that holds something kicks the gate's tap,
+    /// and reads are served at once unless held requests are ahead of them. See
+    /// [`crate::commit`].
+    pub fn protect(&mut self, gate: Arc<OutputGate>) -> Result<(), VbdError> {
+        let waker = gate.waker().map_err(|source| VbdError::Waker {
+            domid: self.paths.domid,
+            devid: self.paths.devid,
+            source,
+        })?;
+        self.gate = Some(gate);
+        self.waker = Some(waker);
+        Ok(())
+    }
+
+    /// Requests taken from the ring and not yet answered (held for output commit).
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Takes one request: `Some(response)` if it was served (or refused) at once, `None` if
+    /// it is held for output commit.
+    fn admit(&mut self, entry: &[u8; ENTRY_SIZE]) -> Option<BlkifResponse> {
+        let gate = match &self.gate {
+            Some(g) if !self.limits.readonly && (!self.held.is_empty() || g.protecting()) => {
+                g.clone()
+            }
+            _ => return Some(self.handle(entry)),
+        };
+        let raw_id = u64::from_le_bytes([
+            entry[8], entry[9], entry[10], entry[11], entry[12], entry[13], entry[14], entry[15],
+        ]);
+        let req = match parse_request(entry, &self.limits) {
+            Ok(r) => r,
+            Err(e) => {
+                self.bad_request(format_args!("refused request: {e}"));
+                let op = if entry[0] == BLKIF_OP_INDIRECT {
+                    entry[1]
+                } else {
+                    entry[0]
+                };
+                return Some(BlkifResponse::new(raw_id, op, e.status()));
+            }
+        };
+        let (id, op) = (req.id(), req.operation());
+        let taken = Instant::now();
+        let devid = self.paths.devid;
+        let held = |epoch: Option<u64>, work: HeldWork| Held {
+            id,
+            op,
+            // None: protection ended meanwhile; queued behind the held ones, released at once
+            epoch: epoch.unwrap_or(0),
+            taken,
+            work,
+        };
+        let h = match req {
+            Request::Rw {
+                dir: Direction::Read,
+                ..
+            }
+            | Request::Indirect {
+                dir: Direction::Read,
+                ..
+            } => {
+                if self.held.is_empty() {
+                    let status = self.execute_logged(id, op, req);
+                    return Some(BlkifResponse::new(id, op, status));
+                }
+                held(None, HeldWork::Read(req))
+            }
+            Request::Flush { .. } => held(gate.hold(), HeldWork::Flush),
+            Request::Discard {
+                sector, nr_sectors, ..
+            } => {
+                let epoch = gate.hold_logged(
+                    devid,
+                    sector,
+                    LoggedOp::Discard {
+                        bytes: nr_sectors * SECTOR_SIZE,
+                    },
+                );
+                held(epoch, HeldWork::Discard { sector, nr_sectors })
+            }
+            Request::Rw {
+                dir: Direction::Write,
+                sector,
+                segments,
+                flush,
+                ..
+            } => match self.gather(&segments) {
+                Ok(data) => {
+                    let data: Arc<[u8]> = Arc::from(data);
+                    let epoch = gate.hold_logged(devid, sector, LoggedOp::Write(data.clone()));
+                    held(
+                        epoch,
+                        HeldWork::Write {
+                            sector,
+                            data,
+                            flush,
+                        },
+                    )
+                }
+                Err(e) => return Some(self.failed(id, op, e)),
+            },
+            Request::Indirect {
+                id,
+                dir: Direction::Write,
+                sector,
+                nr_segments,
+                indirect_grefs,
+                ..
+            } => {
+                let data = self
+                    .indirect_segments(id, sector, nr_segments, &indirect_grefs)
+                    .and_then(|segments| self.gather(&segments));
+                match data {
+                    Ok(data) => {
+                        let data: Arc<[u8]> = Arc::from(data);
+                        let epoch = gate.hold_logged(devid, sector, LoggedOp::Write(data.clone()));
+                        held(
+                            epoch,
+                            HeldWork::Write {
+                                sector,
+                                data,
+                                flush: false,
+                            },
+                        )
+                    }
+                    Err(e) => return Some(self.failed(id, op, e)),
+                }
+            }
+        };
+        self.stats.held += 1;
+        self.held.push_back(h);
+        None
+    }
+
+    fn failed(&mut self, id: u64, op: u8, e: RequestError) -> BlkifResponse {
+        self.bad_request(format_args!("request {id:#x} (op {op}) failed: {e}"));
+        BlkifResponse::new(id, op, BLKIF_RSP_ERROR)
+    }
+
+    fn execute_logged(&mut self, id: u64, op: u8, req: Request) -> i16 {
+        match self.execute(req) {
+            Ok(()) => BLKIF_RSP_OKAY,
+            Err(e) => self.failed(id, op, e).status.get(),
+        }
+    }
+
+    /// Executes and answers, in ring order, the held requests whose epoch the gate released.
+    fn release_held(&mut self, conn: &mut Conn) -> Result<(), RingError> {
+        let Some(gate) = self.gate.clone() else {
+            return Ok(());
+        };
+        while let Some(h) = self.held.front() {
+            if !gate.is_released(h.epoch) {
+                break;
+            }
+            let Some(h) = self.held.pop_front() else {
+                break;
+            };
+            let name = h.work.name();
+            let result = match h.work {
+                HeldWork::Write {
+                    sector,
+                    data,
+                    flush,
+                } => self.write_held(sector, &data, flush),
+                HeldWork::Flush => self.disk.flush().map_err(RequestError::from).map(|()| {
+                    self.stats.flushes += 1;
+                }),
+                HeldWork::Discard { sector, nr_sectors } => self
+                    .disk
+                    .discard(sector * SECTOR_SIZE, nr_sectors * SECTOR_SIZE)
+                    .map_err(RequestError::from)
+                    .map(|()| {
+                        self.stats.discards += 1;
+                    }),
+                HeldWork::Read(req) => self.execute(req),
+            };
+            let status = match result {
+                Ok(()) => BLKIF_RSP_OKAY,
+                Err(e) => self.failed(h.id, h.op, e).status.get(),
+            };
+            let acked = gate.released();
+            gate.record_release(&ReleaseRecord {
+                devid: self.paths.devid,
+                id: h.id,
+                op: name,
+                epoch: h.epoch,
+                acked: (h.epoch <= acked).then_some(acked),
+                taken: h.taken,
+            });
+            conn.ring
+                .put_response(BlkifResponse::new(h.id, h.op, status).as_bytes())?;
+            self.stats.requests += 1;
+        }
+        Ok(())
+    }
+
+    fn write_held(&mut self, sector: u64, data: &[u8], flush: bool) -> Result<(), RequestError> {
+        self.disk.write_at(sector * SECTOR_SIZE, data)?;
+        self.stats.write_bytes += data.len() as u64;
+        if flush {
+            self.disk.flush()?;
+            self.stats.flushes += 1;
+        }
+        Ok(())
+    }
+
+    /// Copies the data of validated write segments out of the guest's pages.
+    fn gather(&mut self, segments: &[Segment]) -> Result<Vec<u8>, RequestError> {
+        let refs: Vec<GrantRef> = segments.iter().map(|s| s.gref).collect();
+        let batch: Option<Box<dyn GrantMapping>> = if self.cache_persistent(&refs) {
+            None
+        } else {
+            self.stats.oneoff_maps += 1;
+            Some(self.gnttab.map_grant_refs(self.paths.domid, &refs, false)?)
+        };
+        let mut data = vec![0u8; blkif::total_sectors(segments) as usize * SECTOR_SIZE as usize];
+        let mut pos = 0;
+        for (i, s) in segments.iter().enumerate() {
+            let (m, at) = match &batch {
+                Some(m) => (m.as_ref(), i * PAGE_SIZE + s.page_offset()),
+                None => (
+                    self.pcache
+                        .get(&s.gref)
+                        .map(|m| m.as_ref())
+                        .ok_or(RequestError::Internal("segment page not cached"))?,
+                    s.page_offset(),
+                ),
+            };
+            let chunk = data
+                .get_mut(pos..pos + s.len())
+                .ok_or(RequestError::Internal("segments longer than their total"))?;
+            m.read(at, chunk)?;
+            pos += s.len();
+        }
+        Ok(data)
     }
 
     fn bad_request(&mut self, msg: std::fmt::Arguments<'_>) {
@@ -892,26 +1231,42 @@ impl<'h> Vbd<'h> {
                 nr_segments,
                 indirect_grefs,
             } => {
-                let mut desc = vec![0u8; nr_segments * SEGMENT_SIZE];
-                if self.cache_persistent(&indirect_grefs) {
-                    for (i, chunk) in desc.chunks_mut(PAGE_SIZE).enumerate() {
-                        let page = indirect_grefs
-                            .get(i)
-                            .and_then(|g| self.pcache.get(g))
-                            .ok_or(RequestError::Internal("indirect page not cached"))?;
-                        page.read(0, chunk)?;
-                    }
-                } else {
-                    let pages =
-                        self.gnttab
-                            .map_grant_refs(self.paths.domid, &indirect_grefs, false)?;
-                    pages.read(0, &mut desc)?;
-                }
-                let segments =
-                    parse_indirect_segments(id, sector, nr_segments, &desc, &self.limits)?;
+                let segments = self.indirect_segments(id, sector, nr_segments, &indirect_grefs)?;
                 self.transfer(dir, sector, &segments)
             }
         }
+    }
+
+    /// Reads and checks the segment descriptors of an indirect request.
+    fn indirect_segments(
+        &mut self,
+        id: u64,
+        sector: u64,
+        nr_segments: usize,
+        indirect_grefs: &[GrantRef],
+    ) -> Result<Vec<Segment>, RequestError> {
+        let mut desc = vec![0u8; nr_segments * SEGMENT_SIZE];
+        if self.cache_persistent(indirect_grefs) {
+            for (i, chunk) in desc.chunks_mut(PAGE_SIZE).enumerate() {
+                let page = indirect_grefs
+                    .get(i)
+                    .and_then(|g| self.pcache.get(g))
+                    .ok_or(RequestError::Internal("indirect page not cached"))?;
+                page.read(0, chunk)?;
+            }
+        } else {
+            let pages = self
+                .gnttab
+                .map_grant_refs(self.paths.domid, indirect_grefs, false)?;
+            pages.read(0, &mut desc)?;
+        }
+        Ok(parse_indirect_segments(
+            id,
+            sector,
+            nr_segments,
+            &desc,
+            &self.limits,
+        )?)
     }
 
     /// Moves the data of validated segments between the disk and the guest's pages, mapped

@@ -76,8 +76,9 @@ pub struct ReleaseRecord<'a> {
     pub op: &'a str,
     /// Its epoch (the checkpoint that must be ACKed first).
     pub epoch: u64,
-    /// The latest ACKed checkpoint when it was released.
-    pub acked: u64,
+    /// The latest ACKed checkpoint when it was released; `None` if it was released because
+    /// protection ended.
+    pub acked: Option<u64>,
     /// When the backend took it from the ring.
     pub taken: Instant,
 }
@@ -150,7 +151,8 @@ impl OutputGate {
 
     /// Records every ACK, shipped disk log and released request in `w` (one line each:
     /// `T ack seq=A`, `T ship seq=E entries=N first=F`, `T release dev=D id=I op=O epoch=E
-    /// acked=A delay_us=U`, T in seconds since the gate was made).
+    /// acked=A delay_us=U` (`acked=end`: released because protection ended), T in seconds
+    /// since the gate was made).
     pub fn set_commit_log(&self, w: Box<dyn Write + Send>) {
         *self
             .commit_log
@@ -302,7 +304,7 @@ impl OutputGate {
             r.id,
             r.op,
             r.epoch,
-            r.acked,
+            r.acked.map_or_else(|| "end".to_string(), |a| a.to_string()),
             r.taken.elapsed().as_micros()
         ));
     }

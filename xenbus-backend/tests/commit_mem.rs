@@ -1,0 +1,400 @@
+//! Output commit on blkback against the in-memory Xen: a protected device holds writes,
+//! flushes and discards until the gate releases their epoch, logs them for the checkpoint, and
+//! serves reads at once unless held output is ahead of them. (The test frontend is the one of
+//! `blkback_mem.rs`.)
+
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hypervisor::mem::{DomainConfig, MemGuest, MemXen};
+use hypervisor::{DomId, GrantRef, Hypervisor, Pfn, Port, Tx, XenStore, PAGE_SIZE};
+use xenbus_backend::blkif::*;
+use xenbus_backend::commit::{LoggedOp, OutputGate, Tap};
+use xenbus_backend::{Vbd, VbdConfig};
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
+
+const RING_PFN: Pfn = 10;
+const DATA_PFN: Pfn = 32;
+const DISK_BYTES: u64 = 1 << 20;
+
+fn image(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kemari-commit-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(DISK_BYTES).unwrap();
+    p
+}
+
+/// A minimal blkfront: one ring of `pages` pages at RING_PFN.., data pages from DATA_PFN.
+struct Front {
+    g: MemGuest,
+    xs: Box<dyn XenStore>,
+    dir: String,
+    back: String,
+    port: Port,
+    pages: usize,
+    size: u32,
+    req_prod: u32,
+    rsp_cons: u32,
+}
+
+impl Front {
+    /// Sets the ring up and publishes it, as blkfront's talk_to_blkback.
+    fn connect(host: &MemXen, domid: DomId, devid: u32, order: Option<u32>) -> Front {
+        Front::connect_with(host, domid, devid, order, false)
+    }
+
+    /// As `connect`; `persistent`: announce feature-persistent (grants reused).
+    fn connect_with(
+        host: &MemXen,
+        domid: DomId,
+        devid: u32,
+        order: Option<u32>,
+        persistent: bool,
+    ) -> Front {
+        let g = host.guest(domid);
+        let xs: Box<dyn XenStore> = Box::new(g.xenstore().unwrap());
+        let dir = format!("/local/domain/{domid}/device/vbd/{devid}");
+        let back =
+            String::from_utf8(xs.read(Tx::NONE, &format!("{dir}/backend")).unwrap()).unwrap();
+        assert_eq!(xs.read(Tx::NONE, &format!("{back}/state")).unwrap(), b"2");
+        let pages = 1usize << order.unwrap_or(0);
+        let mut refs = Vec::new();
+        for i in 0..pages {
+            g.fill_page(RING_PFN + i as u64, 0).unwrap();
+            refs.push(g.grant_access(0, RING_PFN + i as u64, false).unwrap());
+        }
+        // SHARED_RING_INIT: req_event = rsp_event = 1
+        g.write(RING_PFN, 4, &1u32.to_le_bytes()).unwrap();
+        g.write(RING_PFN, 12, &1u32.to_le_bytes()).unwrap();
+        let port = g.evtchn_alloc_unbound(0).unwrap();
+        let w = |k: &str, v: String| {
+            xs.write(Tx::NONE, &format!("{dir}/{k}"), v.as_bytes())
+                .unwrap()
+        };
+        match order {
+            None => w("ring-ref", refs[0].to_string()),
+            Some(o) => {
+                w("ring-page-order", o.to_string());
+                for (i, r) in refs.iter().enumerate() {
+                    w(&format!("ring-ref{i}"), r.to_string());
+                }
+            }
+        }
+        w("event-channel", port.to_string());
+        w("protocol", "x86_64-abi".into());
+        if persistent {
+            w("feature-persistent", "1".into());
+        }
+        w("state", "3".into());
+        Front {
+            g,
+            xs,
+            dir,
+            back,
+            port,
+            pages,
+            size: ring_entries(pages),
+            req_prod: 0,
+            rsp_cons: 0,
+        }
+    }
+
+    fn back_node(&self, node: &str) -> String {
+        String::from_utf8(
+            self.xs
+                .read(Tx::NONE, &format!("{}/{node}", self.back))
+                .unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn set_state(&self, s: u32) {
+        self.xs
+            .write(
+                Tx::NONE,
+                &format!("{}/state", self.dir),
+                s.to_string().as_bytes(),
+            )
+            .unwrap();
+    }
+
+    /// Writes ring bytes at a byte offset of the (multi-page) ring.
+    fn ring_write(&self, offset: usize, data: &[u8]) {
+        let mut done = 0;
+        while done < data.len() {
+            let at = offset + done;
+            let n = (PAGE_SIZE - at % PAGE_SIZE).min(data.len() - done);
+            self.g
+                .write(
+                    RING_PFN + (at / PAGE_SIZE) as u64,
+                    at % PAGE_SIZE,
+                    &data[done..done + n],
+                )
+                .unwrap();
+            done += n;
+        }
+    }
+
+    fn ring_read(&self, offset: usize, buf: &mut [u8]) {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + done;
+            let n = (PAGE_SIZE - at % PAGE_SIZE).min(buf.len() - done);
+            self.g
+                .read(
+                    RING_PFN + (at / PAGE_SIZE) as u64,
+                    at % PAGE_SIZE,
+                    &mut buf[done..done + n],
+                )
+                .unwrap();
+            done += n;
+        }
+    }
+
+    fn push(&mut self, entry: &[u8]) {
+        let slot = (self.req_prod & (self.size - 1)) as usize;
+        self.ring_write(64 + slot * ENTRY_SIZE, entry);
+        self.req_prod = self.req_prod.wrapping_add(1);
+    }
+
+    /// Publishes req_prod and kicks (the frontend's RING_PUSH_REQUESTS + notify).
+    fn kick(&mut self) {
+        self.ring_write(0, &self.req_prod.to_le_bytes());
+        self.g.evtchn_notify(self.port).unwrap();
+    }
+
+    fn responses(&mut self) -> Vec<BlkifResponse> {
+        let mut b = [0u8; 4];
+        self.ring_read(8, &mut b);
+        let prod = u32::from_le_bytes(b);
+        let mut out = Vec::new();
+        while self.rsp_cons != prod {
+            let slot = (self.rsp_cons & (self.size - 1)) as usize;
+            let mut e = [0u8; 16];
+            self.ring_read(64 + slot * ENTRY_SIZE, &mut e);
+            out.push(BlkifResponse::read_from_bytes(&e).unwrap());
+            self.rsp_cons = self.rsp_cons.wrapping_add(1);
+        }
+        // ask for an event at the next response
+        self.ring_write(12, &self.rsp_cons.wrapping_add(1).to_le_bytes());
+        out
+    }
+
+    fn grant(&self, pfn: Pfn, readonly: bool) -> GrantRef {
+        self.g.grant_access(0, pfn, readonly).unwrap()
+    }
+}
+
+fn rw(op: u8, id: u64, sector: u64, segs: &[(GrantRef, u8, u8)]) -> Vec<u8> {
+    let mut r = RawRequest::new_zeroed();
+    r.operation = op;
+    r.nr_segments = segs.len() as u8;
+    r.id = U64::new(id);
+    r.sector_number = U64::new(sector);
+    for (i, (g, f, l)) in segs.iter().enumerate() {
+        r.seg[i] = RawSegment {
+            gref: U32::new(*g),
+            first_sect: *f,
+            last_sect: *l,
+            pad: [0; 2],
+        };
+    }
+    r.as_bytes().to_vec()
+}
+
+fn pattern(seed: u8) -> [u8; PAGE_SIZE] {
+    let mut p = [0u8; PAGE_SIZE];
+    for (i, b) in p.iter_mut().enumerate() {
+        *b = (i as u8).wrapping_mul(31).wrapping_add(seed);
+    }
+    p
+}
+
+struct Kicks(Arc<AtomicU64>);
+impl Tap for Kicks {
+    fn kick(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[derive(Clone, Default)]
+struct Lines(Arc<Mutex<Vec<u8>>>);
+impl Write for Lines {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn sector_of(img: &std::path::Path, sector: u64) -> Vec<u8> {
+    let d = std::fs::read(img).unwrap();
+    d[sector as usize * 512..sector as usize * 512 + 512].to_vec()
+}
+
+#[test]
+fn writes_are_held_until_their_checkpoint_is_acked_and_logged_for_it() {
+    let host = MemXen::new();
+    let domid = host.create_domain(DomainConfig::pvh(1024)).unwrap();
+    let img = image("held.img");
+    let mut v = Vbd::create(
+        &host,
+        host.open_xenstore().unwrap(),
+        host.open_event_channels().unwrap(),
+        &VbdConfig::xvda(domid, img.clone()),
+    )
+    .unwrap();
+    let kicks = Arc::new(AtomicU64::new(0));
+    let gate = OutputGate::new(1, Box::new(Kicks(kicks.clone())));
+    let lines = Lines::default();
+    gate.set_commit_log(Box::new(lines.clone()));
+    v.protect(gate.clone()).unwrap();
+    let mut f = Front::connect(&host, domid, 51712, None);
+    v.poll(Some(Duration::ZERO)).unwrap();
+    f.set_state(4);
+    v.poll(Some(Duration::ZERO)).unwrap();
+
+    // nothing held: a read is served at once, and nothing kicks the tap
+    let rd = f.grant(DATA_PFN + 5, false);
+    f.push(&rw(BLKIF_OP_READ, 0x1, 0, &[(rd, 0, 0)]));
+    f.kick();
+    v.poll(Some(Duration::ZERO)).unwrap();
+    assert_eq!(f.responses().len(), 1);
+    assert_eq!(kicks.load(Ordering::SeqCst), 0);
+
+    // a write of one sector at sector 4: held, logged, the tap kicked; the disk unchanged
+    f.g.write_page(DATA_PFN, &pattern(7)).unwrap();
+    let wg = f.grant(DATA_PFN, true);
+    f.push(&rw(BLKIF_OP_WRITE, 0x2, 4, &[(wg, 0, 0)]));
+    // a read of the same sector queued behind it
+    f.push(&rw(BLKIF_OP_READ, 0x3, 4, &[(rd, 1, 1)]));
+    f.kick();
+    v.poll(Some(Duration::ZERO)).unwrap();
+    assert!(f.responses().is_empty(), "answered before the ACK");
+    assert_eq!(v.held(), 2);
+    assert_eq!(kicks.load(Ordering::SeqCst), 1);
+    assert_eq!(sector_of(&img, 4), vec![0u8; 512], "written before the ACK");
+
+    // checkpoint 1 is taken (guest paused): its log holds the write
+    let log = gate.take_log(1);
+    assert_eq!(log.len(), 1);
+    assert_eq!((log[0].seq, log[0].devid, log[0].sector), (1, 51712, 4));
+    assert_eq!(log[0].op, LoggedOp::Write(Arc::from(&pattern(7)[..512])));
+    // a write taken after that belongs to checkpoint 2
+    f.g.write_page(DATA_PFN + 1, &pattern(9)).unwrap();
+    let wg2 = f.grant(DATA_PFN + 1, true);
+    f.push(&rw(BLKIF_OP_WRITE, 0x4, 6, &[(wg2, 0, 0)]));
+    f.push(&rw(BLKIF_OP_FLUSH_DISKCACHE, 0x5, 0, &[]));
+    f.kick();
+    v.poll(Some(Duration::ZERO)).unwrap();
+    assert!(f.responses().is_empty());
+
+    // ACK 1: the first write and the read behind it go out, in order; the second write waits
+    gate.acked(1);
+    v.poll(Some(Duration::from_millis(100))).unwrap();
+    let rsp = f.responses();
+    assert_eq!(
+        rsp.iter()
+            .map(|r| (r.id.get(), r.status.get()))
+            .collect::<Vec<_>>(),
+        vec![(0x2, 0), (0x3, 0)]
+    );
+    assert_eq!(sector_of(&img, 4), pattern(7)[..512].to_vec());
+    let mut page = [0u8; PAGE_SIZE];
+    f.g.read(DATA_PFN + 5, 0, &mut page).unwrap();
+    assert_eq!(
+        &page[512..1024],
+        &pattern(7)[..512],
+        "the read saw the released write"
+    );
+    assert_eq!(sector_of(&img, 6), vec![0u8; 512]);
+    assert_eq!(v.held(), 2);
+
+    // checkpoint 2 carries the second write; its ACK releases it and the flush
+    let log = gate.take_log(2);
+    assert_eq!(log.iter().map(|w| w.seq).collect::<Vec<_>>(), vec![2]);
+    gate.acked(2);
+    v.poll(Some(Duration::from_millis(100))).unwrap();
+    assert_eq!(
+        f.responses().iter().map(|r| r.id.get()).collect::<Vec<_>>(),
+        vec![0x4, 0x5]
+    );
+    assert_eq!(sector_of(&img, 6), pattern(9)[..512].to_vec());
+
+    // protection ends with a write held: it goes out at once, and later ones are not held
+    f.push(&rw(BLKIF_OP_WRITE, 0x6, 8, &[(wg, 0, 0)]));
+    f.kick();
+    v.poll(Some(Duration::ZERO)).unwrap();
+    assert!(f.responses().is_empty());
+    gate.end();
+    v.poll(Some(Duration::from_millis(100))).unwrap();
+    assert_eq!(f.responses().len(), 1);
+    f.push(&rw(BLKIF_OP_WRITE, 0x7, 9, &[(wg, 0, 0)]));
+    f.kick();
+    v.poll(Some(Duration::ZERO)).unwrap();
+    assert_eq!(f.responses().len(), 1);
+    assert_eq!(v.stats().held, 5);
+    assert_eq!(v.stats().errors, 0);
+
+    // the commit log: every release after an ACK of at least its epoch (or the end)
+    let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+    let mut acked = 0u64;
+    let mut released = 0;
+    for l in text.lines() {
+        let kv = |k: &str| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{k}=")).map(str::to_string))
+        };
+        match l.split_whitespace().nth(1) {
+            Some("ack") => acked = kv("seq").unwrap().parse().unwrap(),
+            Some("release") => {
+                released += 1;
+                let epoch: u64 = kv("epoch").unwrap().parse().unwrap();
+                match kv("acked").unwrap().as_str() {
+                    "end" => assert_eq!(kv("id").unwrap(), "0x6"),
+                    a => {
+                        assert!(epoch <= acked && a.parse::<u64>().unwrap() == acked, "{l}");
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(released, 5, "{text}");
+}
+
+#[test]
+fn a_device_without_a_gate_serves_writes_at_once() {
+    let host = MemXen::new();
+    let domid = host.create_domain(DomainConfig::pvh(1024)).unwrap();
+    let img = image("open.img");
+    let mut v = Vbd::create(
+        &host,
+        host.open_xenstore().unwrap(),
+        host.open_event_channels().unwrap(),
+        &VbdConfig::xvda(domid, img.clone()),
+    )
+    .unwrap();
+    let mut f = Front::connect(&host, domid, 51712, None);
+    v.poll(Some(Duration::ZERO)).unwrap();
+    f.set_state(4);
+    v.poll(Some(Duration::ZERO)).unwrap();
+    f.g.write_page(DATA_PFN, &pattern(3)).unwrap();
+    let wg = f.grant(DATA_PFN, true);
+    f.push(&rw(BLKIF_OP_WRITE, 0x2, 4, &[(wg, 0, 0)]));
+    f.kick();
+    v.poll(Some(Duration::ZERO)).unwrap();
+    assert_eq!(f.responses().len(), 1);
+    assert_eq!(sector_of(&img, 4), pattern(3)[..512].to_vec());
+    assert_eq!(v.stats().held, 0);
+}
