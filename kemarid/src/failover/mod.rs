@@ -1,3 +1,5 @@
-//! Failover: detecting the loss of the peer ([`heartbeat`]). See `docs/failover.md`.
+//! Failover: detecting the loss of the peer ([`heartbeat`]) and resuming the guest on the
+//! secondary from the last ACKed checkpoint ([`resume`]). See `docs/failover.md`.
 
 pub mod heartbeat;
+pub mod resume;

@@ -18,7 +18,8 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use hypervisor::{
-    DirtyBitmap, DomId, GuestType, Hypervisor, HypervisorError, PauseGuard, Pfn, PAGE_SIZE,
+    DirtyBitmap, DomId, GuestType, Hypervisor, HypervisorError, PauseGuard, Pfn, XenStore,
+    PAGE_SIZE,
 };
 use kemari_stream::checkpoint::{
     self, Checkpoint, CheckpointError, EpochReason, NackReason, Page, Reply,
@@ -129,6 +130,15 @@ pub enum SendError {
         seq: u64,
         /// Its reason.
         reason: NackReason,
+    },
+    /// The guest did not suspend for a cooperative checkpoint ([`Quiesce::Suspend`]).
+    #[error("checkpoint {seq}: {source}")]
+    Suspend {
+        /// The checkpoint (0: the initial image's final round).
+        seq: u64,
+        /// Why.
+        #[source]
+        source: crate::xlsave::SaveError,
     },
     /// The hook could not provide the checkpoint's extra records.
     #[error("checkpoint {seq}: extra records (disk write log): {source}")]
@@ -274,6 +284,77 @@ pub struct ProtectOutcome {
     pub stats: StatsSummary,
 }
 
+/// How the guest is stopped for a checkpoint (see `docs/failover.md`).
+pub enum Quiesce {
+    /// Toolstack pause (the default): the guest does not notice; the checkpoint is a complete
+    /// image only for a guest that uses none of Xen's PV interfaces (design notes §3).
+    Pause,
+    /// Cooperative suspend, as Remus: `control/shutdown` = `suspend`, wait until Xen reports
+    /// the guest shut down for suspend, copy, then `xc_domain_resume(fast)`: the guest sees
+    /// its suspend cancelled and goes on. The state copied is the one `xl save` would write,
+    /// so the secondary can restore it and the guest resumes through its own resume path.
+    Suspend {
+        /// A xenstore connection to write the request through.
+        xenstore: Box<dyn XenStore>,
+        /// Give up (and end protection, guest running) when the guest takes longer.
+        timeout: Duration,
+    },
+}
+
+impl std::fmt::Debug for Quiesce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Quiesce::Pause => f.write_str("Pause"),
+            Quiesce::Suspend { timeout, .. } => {
+                f.debug_struct("Suspend").field("timeout", timeout).finish()
+            }
+        }
+    }
+}
+
+/// The guest stopped for a checkpoint: paused, or suspended. Dropping it lets the guest run
+/// again (unpause, or fast resume), so no error path leaves it stopped.
+struct Stopped<'h> {
+    pause: Option<PauseGuard<'h, dyn Hypervisor + 'h>>,
+    suspended: Option<(&'h dyn Hypervisor, DomId)>,
+}
+
+impl Stopped<'_> {
+    /// Lets the guest run again.
+    fn release(mut self) -> hypervisor::Result<()> {
+        if let Some(g) = self.pause.take() {
+            g.unpause()?;
+        }
+        if let Some((hv, domid)) = self.suspended.take() {
+            hv.resume(domid, true)?;
+        }
+        Ok(())
+    }
+
+    /// Leaves the guest stopped for good: a paused guest keeps the pause reference; a
+    /// suspended one is paused, then resumed (fast), so it stays paused but not shut down.
+    fn hold(mut self) -> hypervisor::Result<()> {
+        if let Some(g) = self.pause.take() {
+            std::mem::forget(g);
+        }
+        if let Some((hv, domid)) = self.suspended.take() {
+            hv.pause(domid)?;
+            hv.resume(domid, true)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        if let Some((hv, domid)) = self.suspended.take() {
+            if let Err(e) = hv.resume(domid, true) {
+                log::error!("domain {domid}: resuming the suspended guest after an error: {e}");
+            }
+        }
+    }
+}
+
 /// The primary's end of one protection connection.
 pub struct Sender<'a> {
     hv: &'a dyn Hypervisor,
@@ -289,6 +370,7 @@ pub struct Sender<'a> {
     next_seq: u64,
     stats: CheckpointStats,
     last_epoch: Instant,
+    quiesce: Quiesce,
 }
 
 impl std::fmt::Debug for Sender<'_> {
@@ -351,6 +433,7 @@ impl<'a> Sender<'a> {
             next_seq: 0,
             stats: CheckpointStats::default(),
             last_epoch: Instant::now(),
+            quiesce: Quiesce::Pause,
         })
     }
 
@@ -365,6 +448,31 @@ impl<'a> Sender<'a> {
     /// Checkpoint figures so far.
     pub fn stats(&self) -> StatsSummary {
         self.stats.summary()
+    }
+
+    /// How the guest is stopped for the initial image's final round and every checkpoint
+    /// (default [`Quiesce::Pause`]).
+    pub fn set_quiesce(&mut self, quiesce: Quiesce) {
+        self.quiesce = quiesce;
+    }
+
+    /// Stops the guest for checkpoint `seq` the configured way.
+    fn stop_guest(&self, seq: u64) -> Result<Stopped<'a>, SendError> {
+        let hv = self.hv;
+        match &self.quiesce {
+            Quiesce::Pause => Ok(Stopped {
+                pause: Some(self.xen("pausing", PauseGuard::pause(hv, self.domid))?),
+                suspended: None,
+            }),
+            Quiesce::Suspend { xenstore, timeout } => {
+                crate::xlsave::suspend_guest(hv, xenstore.as_ref(), self.domid, *timeout)
+                    .map_err(|source| SendError::Suspend { seq, source })?;
+                Ok(Stopped {
+                    pause: None,
+                    suspended: Some((hv, self.domid)),
+                })
+            }
+        }
     }
 
     /// Reads `pfns` (the guest may be running): returns the pages that could be read, and
@@ -600,7 +708,7 @@ impl<'a> Sender<'a> {
         // The paused round: everything dirty since the last harvest, plus what that harvest
         // found and did not send.
         let pause_start = Instant::now();
-        let guard = self.xen("pausing", PauseGuard::pause(self.hv, domid))?;
+        let guard = self.stop_guest(0)?;
         let mut last = DirtyBitmap::new(self.bitmap.nr_pages());
         self.xen(
             "harvesting dirty pages (final round)",
@@ -628,7 +736,7 @@ impl<'a> Sender<'a> {
                 })
             }
         };
-        self.xen("unpausing", guard.unpause())?;
+        self.xen("unpausing", guard.release())?;
         self.last_epoch = pause_start;
         stats.pause_ms = pause_start.elapsed().as_secs_f64() * 1000.0;
         self.device_resumed()?;
@@ -695,7 +803,7 @@ impl<'a> Sender<'a> {
         let release = hook.release(seq, reasons);
         let t0 = Instant::now();
         self.last_epoch = t0;
-        let guard = self.xen("pausing", PauseGuard::pause(self.hv, domid))?;
+        let guard = self.stop_guest(seq)?;
         let mut bitmap = std::mem::replace(&mut self.bitmap, DirtyBitmap::new(0));
         // Paused: also the pages Xen writes through its own mappings (vcpu_info, ...).
         let harvested = self.hv.log_dirty_clean_final(domid, &mut bitmap);
@@ -714,7 +822,7 @@ impl<'a> Sender<'a> {
         let mut pause = Duration::ZERO;
         if release == Release::AfterStaging {
             if let Some(g) = held.take() {
-                self.xen("unpausing", g.unpause())?;
+                self.xen("unpausing", g.release())?;
             }
             pause = t0.elapsed();
             self.device_resumed()?;
@@ -751,10 +859,10 @@ impl<'a> Sender<'a> {
         if let Some(g) = held.take() {
             if action == AfterAck::StopPaused {
                 // Keep the toolstack pause reference: the guest stays exactly at `seq`.
-                std::mem::forget(g);
+                self.xen("holding the guest paused", g.hold())?;
                 left_paused = true;
             } else {
-                self.xen("unpausing", g.unpause())?;
+                self.xen("unpausing", g.release())?;
                 self.device_resumed()?;
             }
             pause = t0.elapsed();
