@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use hypervisor::{DomainControl, GuestType, Hypervisor};
+use kemarid::failover::heartbeat::{Heartbeat, HeartbeatConfig, PeerState, Role, SystemClock};
 use kemarid::sync::hash::{cpu_hashes, mem_hash};
 use kemarid::sync::receiver::{read_staged, Receiver, ReceiverOptions};
 use kemarid::sync::replica_xl::XlReplicaBuilder;
-use kemarid::sync::sender::{CountHook, DeviceState, Sender, SenderOptions};
+use kemarid::sync::sender::{CountHook, DeviceState, Quiesce, Sender, SenderOptions};
 use kemarid::sync::trigger::Triggers;
 use kemarid::xltool::XlTool;
 use nix::sys::signal::{SigSet, Signal};
@@ -62,6 +63,50 @@ pub struct ReplicateArgs {
     /// Name of the replica in the image's configuration (default: the guest's name).
     #[arg(long)]
     pub replica_name: Option<String>,
+    /// Checkpoints at a cooperative suspend point (as Remus: the guest suspends, is copied,
+    /// and resumes with its suspend cancelled) instead of a toolstack pause: what lets the
+    /// secondary resume a PV-aware guest (docs/failover.md).
+    #[arg(long)]
+    pub suspend: bool,
+    /// Seconds the guest may take to suspend for one checkpoint (--suspend).
+    #[arg(long, default_value_t = 10)]
+    pub suspend_timeout_s: u64,
+    /// UDP port of the secondary's heartbeat (`kemari receive --heartbeat-listen`), on the
+    /// target's host: when the secondary stops answering, protection ends at once.
+    #[arg(long)]
+    pub heartbeat_port: Option<u16>,
+    #[command(flatten)]
+    pub heartbeat: HeartbeatArgs,
+}
+
+/// Heartbeat timing (both ends should agree).
+#[derive(Args, Debug, Clone, Copy)]
+pub struct HeartbeatArgs {
+    /// Heartbeat period (ms).
+    #[arg(long, default_value_t = 100)]
+    pub heartbeat_ms: u64,
+    /// The peer is dead after this many missed heartbeats.
+    #[arg(long, default_value_t = 5)]
+    pub heartbeat_misses: u32,
+}
+
+impl HeartbeatArgs {
+    fn config(&self) -> HeartbeatConfig {
+        HeartbeatConfig {
+            period: Duration::from_millis(self.heartbeat_ms),
+            misses: self.heartbeat_misses,
+            connect_timeout: None,
+        }
+    }
+}
+
+/// How `kemari receive --failover` resumes the guest.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverMethodArg {
+    /// xl save image from the replica + staged state, destroy the replica, xl restore.
+    Restore,
+    /// Load the staged HVM context into the replica and unpause it (experiment only).
+    InPlace,
 }
 
 /// Arguments of `kemari receive`.
@@ -82,6 +127,18 @@ pub struct ReceiveArgs {
     /// Give up when the primary is silent this long (s; 0: never).
     #[arg(long, default_value_t = 600)]
     pub idle_timeout_s: u64,
+    /// UDP address to answer the primary's heartbeat on (`0.0.0.0:7101`).
+    #[arg(long)]
+    pub heartbeat_listen: Option<String>,
+    #[command(flatten)]
+    pub heartbeat: HeartbeatArgs,
+    /// When the primary is dead (heartbeat) after the initial sync, run the guest here from
+    /// the last ACKed checkpoint.
+    #[arg(long, requires = "heartbeat_listen")]
+    pub failover: bool,
+    /// How the guest is resumed at failover.
+    #[arg(long, value_enum, default_value = "restore")]
+    pub failover_method: FailoverMethodArg,
 }
 
 /// Sync-related `kemari debug` commands.
@@ -184,8 +241,31 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
             }
         });
     }
+    let heartbeat = match a.heartbeat_port {
+        None => None,
+        Some(port) => Some(start_pinger(&a.target, port, a.heartbeat, &stream)?),
+    };
     let mut tx = Sender::new(hv, domid, stream, opts, device)?;
+    if a.suspend {
+        tx.set_quiesce(Quiesce::Suspend {
+            xenstore: hv.open_xenstore()?,
+            timeout: Duration::from_secs(a.suspend_timeout_s),
+        });
+    }
     let start = Instant::now();
+    let lost = |what: &str, e: &dyn std::fmt::Display, hb: Option<Heartbeat>| {
+        let cause = match hb.as_ref().map(Heartbeat::state) {
+            Some(PeerState::Dead(c)) => format!("heartbeat: {c:?}"),
+            _ => format!("stream: {e}"),
+        };
+        if let Some(hb) = hb {
+            hb.stop(false);
+        }
+        log::error!("secondary lost {what}: {cause}");
+        eprintln!(
+            "kemari replicate: SECONDARY LOST {what} ({cause}): guest {domid} keeps running UNPROTECTED"
+        );
+    };
     let init = tx.initial_sync(&config, &mut |p| {
         eprintln!(
             "initial sync: round {} sent {} pages (total {}, {} holes), {} dirty after it ({:.0} pages/s){}",
@@ -197,7 +277,15 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
             p.dirty_rate,
             if p.last { ", final round next" } else { "" }
         );
-    })?;
+    });
+    let init = match init {
+        Ok(i) => i,
+        Err(e) => {
+            drop(tx);
+            lost("during the initial sync", &e, heartbeat);
+            return Err(e.into());
+        }
+    };
     eprintln!(
         "initial sync: {} live + {} final pages, {} bytes, paused {:.1} ms, ACKed after {:.0} ms",
         init.live_pages, init.final_pages, init.bytes, init.pause_ms, init.total_ms
@@ -214,9 +302,25 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
         hold: a.hold,
     };
     let protect_start = Instant::now();
-    let out = tx.protect(&triggers, &mut hook)?;
+    let out = match tx.protect(&triggers, &mut hook) {
+        Ok(o) => o,
+        Err(e) => {
+            let s = tx.stats();
+            drop(tx);
+            eprintln!(
+                "kemari replicate: {} checkpoints ACKed before the loss",
+                s.checkpoints
+            );
+            lost("during protection", &e, heartbeat);
+            return Err(e.into());
+        }
+    };
     let secs = protect_start.elapsed().as_secs_f64();
     drop(tx);
+    if let Some(hb) = heartbeat {
+        // Protection ended on purpose: tell the secondary not to fail over.
+        hb.stop(true);
+    }
     let s = &out.stats;
     let rate = if secs > 0.0 {
         s.checkpoints as f64 / secs
@@ -253,6 +357,58 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Starts the primary's heartbeat to `target`'s host on `port`; when the secondary is
+/// declared dead, the data stream is shut down so that protection ends at once (the guest
+/// keeps running) instead of waiting for an ACK timeout.
+fn start_pinger(
+    target: &str,
+    port: u16,
+    hb: HeartbeatArgs,
+    stream: &TcpStream,
+) -> anyhow::Result<Heartbeat> {
+    let mut peer = stream
+        .peer_addr()
+        .with_context(|| format!("address of the secondary {target}"))?;
+    peer.set_port(port);
+    let socket = std::net::UdpSocket::bind(if peer.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })
+    .context("binding the heartbeat socket")?;
+    let data = stream
+        .try_clone()
+        .context("cloning the connection for the heartbeat")?;
+    let cfg = hb.config();
+    let heartbeat = Heartbeat::spawn(
+        socket,
+        Role::Pinger { peer },
+        cfg,
+        Arc::new(SystemClock::new()),
+        Box::new(move |state| {
+            eprintln!("kemari replicate: heartbeat: secondary {peer} is dead ({state:?})");
+            if let Err(e) = data.shutdown(std::net::Shutdown::Both) {
+                log::warn!("shutting the data stream down: {e}");
+            }
+        }),
+    )?;
+    eprintln!(
+        "kemari replicate: heartbeat to {peer} every {} ms, dead after {} misses ({} ms)",
+        hb.heartbeat_ms,
+        hb.heartbeat_misses,
+        cfg.detection_time().as_millis()
+    );
+    Ok(heartbeat)
+}
+
+fn this_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "this host".into())
+}
+
 fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
     let host = Arc::new(open_host()?);
     let control: Arc<dyn DomainControl> = host.clone();
@@ -270,15 +426,81 @@ fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
     let listener =
         TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
     eprintln!("kemari receive: listening on {}", a.listen);
+    let hb_socket = match &a.heartbeat_listen {
+        None => None,
+        Some(addr) => {
+            let s = std::net::UdpSocket::bind(addr)
+                .with_context(|| format!("binding the heartbeat socket {addr}"))?;
+            eprintln!(
+                "kemari receive: heartbeat on {addr}, every {} ms, dead after {} misses",
+                a.heartbeat.heartbeat_ms, a.heartbeat.heartbeat_misses
+            );
+            Some(s)
+        }
+    };
     loop {
         let (stream, peer) = listener.accept().context("accepting a connection")?;
         eprintln!("kemari receive: primary {peer} connected");
+        let heartbeat = match &hb_socket {
+            None => None,
+            Some(s) => {
+                let data = stream
+                    .try_clone()
+                    .context("cloning the connection for the heartbeat")?;
+                Some(Heartbeat::spawn(
+                    s.try_clone().context("cloning the heartbeat socket")?,
+                    Role::Responder,
+                    a.heartbeat.config(),
+                    Arc::new(SystemClock::new()),
+                    Box::new(move |state| {
+                        eprintln!("kemari receive: heartbeat: primary {peer} is dead ({state:?})");
+                        // Unblock the receiver: the replica stays at the last ACKed checkpoint.
+                        if let Err(e) = data.shutdown(std::net::Shutdown::Both) {
+                            log::warn!("shutting the data stream down: {e}");
+                        }
+                    }),
+                )?)
+            }
+        };
         let start = Instant::now();
         let (session, error) = match rx.serve(stream) {
             Ok(s) => (s, None),
             Err(f) => (*f.session, Some(f.error)),
         };
         let secs = start.elapsed().as_secs_f64();
+        let failover = match &heartbeat {
+            Some(hb) if a.failover => {
+                let cfg = a.heartbeat.config();
+                let state = if error.is_some() {
+                    // A stream error counts as a loss; the heartbeat must agree.
+                    hb.stream_lost();
+                    hb.wait_final(cfg.detection_time() + cfg.period)
+                } else {
+                    hb.state()
+                };
+                match (state, session.replica) {
+                    (PeerState::Dead(cause), Some(replica)) if session.acked.is_some() => {
+                        eprintln!(
+                            "kemari receive: primary dead ({cause:?}) after checkpoint {}: failing over",
+                            session.acked.unwrap_or(0)
+                        );
+                        Some(fail_over(&a, host.as_ref(), &rx, replica, hb)?)
+                    }
+                    (PeerState::Dead(cause), _) => {
+                        eprintln!("kemari receive: primary dead ({cause:?}) before the initial sync completed: nothing to fail over to");
+                        None
+                    }
+                    (state, _) => {
+                        if error.is_some() {
+                            eprintln!("kemari receive: stream failed but the primary still answers ({state:?}): no failover (split-brain guard)");
+                        }
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        drop(heartbeat);
         if json {
             print_json(&serde_json::json!({
                 "peer": peer.to_string(),
@@ -291,6 +513,7 @@ fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
                 "seconds": secs,
                 "error": error.as_ref().map(|e| format!("{e:#}")),
                 "staged": rx.staged_path(),
+                "failover": failover,
             }))?;
         } else {
             println!(
@@ -304,6 +527,10 @@ fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
                 error.as_ref().map_or(String::new(), |e| format!(" error: {e}"))
             );
         }
+        if failover.is_some() {
+            // This host now runs the guest, unprotected.
+            return Ok(ExitCode::SUCCESS);
+        }
         if a.once {
             return Ok(if error.is_some() {
                 ExitCode::FAILURE
@@ -312,6 +539,60 @@ fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
             });
         }
     }
+}
+
+/// The failover itself: the guest runs on this host from the last ACKed checkpoint.
+fn fail_over(
+    a: &ReceiveArgs,
+    hv: &dyn Hypervisor,
+    rx: &Receiver<'_>,
+    replica: hypervisor::DomId,
+    hb: &Heartbeat,
+) -> anyhow::Result<serde_json::Value> {
+    use kemarid::failover::resume;
+    let t0 = Instant::now();
+    let silent_at_start = hb.silent_for().unwrap_or_default();
+    let staged = read_staged(&rx.staged_path())
+        .with_context(|| format!("reading {}", rx.staged_path().display()))?;
+    let image = a.spool_dir.join(kemarid::sync::receiver::IMAGE_FILE);
+    let name = match &a.name {
+        Some(n) => n.clone(),
+        None => XlReplicaBuilder::image_name(&image)?,
+    };
+    let report = match a.failover_method {
+        FailoverMethodArg::Restore => resume::resume_by_restore(
+            hv,
+            &XlTool::default(),
+            replica,
+            &staged,
+            &image,
+            &a.spool_dir,
+            &name,
+        ),
+        FailoverMethodArg::InPlace => resume::resume_in_place(hv, replica, &staged),
+    }
+    .with_context(|| format!("failover of replica {replica} at checkpoint {}", staged.seq))?;
+    let total = silent_at_start + t0.elapsed();
+    eprintln!(
+        "failover: guest running on {} as domain {} after {} ms (last heartbeat -> running; detection {} ms, image {:.0} ms, destroy {:.0} ms, restore {:.0} ms), last seq {}",
+        this_host(),
+        report.domid,
+        total.as_millis(),
+        silent_at_start.as_millis(),
+        report.image_ms,
+        report.destroy_ms,
+        report.restore_ms,
+        report.seq
+    );
+    eprintln!("kemari receive: this host is now PRIMARY WITHOUT PROTECTION for {name}");
+    Ok(serde_json::json!({
+        "host": this_host(),
+        "name": name,
+        "report": report,
+        "method": format!("{:?}", a.failover_method),
+        "detection_ms": silent_at_start.as_secs_f64() * 1000.0,
+        "heartbeat_to_running_ms": total.as_secs_f64() * 1000.0,
+    }))
 }
 
 /// Runs a sync-related debug command.
