@@ -10,7 +10,9 @@
 //! Everything here talks to Xen only through the [`hypervisor`] traits.
 
 pub mod apply;
+pub mod commit;
 pub mod device_qmp;
+pub mod disk_apply;
 pub mod hash;
 pub mod image;
 pub mod receiver;

@@ -7,6 +7,14 @@
 //! (write the pages, rolled back on failure); rename the staged file into place; ACK. Any
 //! failure before the ACK leaves the replica and the staged state at the previous checkpoint,
 //! NACKs (best effort) and ends the connection with an error; the replica stays paused.
+//!
+//! With disks ([`Receiver::with_disks`]), a checkpoint's disk write log (`KEMARI_EXTRA` kind
+//! [`disklog::EXTRA_DISK_LOG`]) is applied to the secondary's copies of the guest's disks in
+//! the same all-or-nothing step: decoded and checked (consecutive sequence numbers, ranges
+//! inside the disks), the bytes it overwrites copied aside, the log written to
+//! `DIR/disklog.kemari.tmp` (synced) before the first disk write, the disks written and synced
+//! before the pages, and everything undone if a later step fails. After the ACK the log is
+//! kept as `DIR/disklog.kemari` (the last applied checkpoint's writes).
 
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
@@ -20,7 +28,10 @@ use kemari_stream::checkpoint::{
 };
 use kemari_stream::Limits;
 
+use kemari_stream::disklog::{self, DiskLogEntry, DiskLogError};
+
 use super::apply::{ApplyError, PageApply};
+use super::disk_apply::{DiskApply, DiskApplyError, ReplicaDisk};
 use super::image::{self, ImageError};
 use super::replica::{ReplicaBuilder, ReplicaError};
 
@@ -28,6 +39,9 @@ use super::replica::{ReplicaBuilder, ReplicaError};
 pub const IMAGE_FILE: &str = "initial.img";
 /// File name of the staged CPU/device state in the spool directory.
 pub const STAGED_FILE: &str = "staged.kemari";
+/// File name of the last applied checkpoint's disk write log in the spool directory (while a
+/// checkpoint is applied: `disklog.kemari.tmp`).
+pub const DISK_LOG_FILE: &str = "disklog.kemari";
 
 /// Errors of the receiver.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +108,32 @@ pub enum ReceiveError {
         #[source]
         source: ApplyError,
     },
+    /// The checkpoint's disk write log is malformed or does not follow the previous one.
+    #[error("checkpoint {seq} discarded, replica stays at {}: {source}", seq - 1)]
+    DiskLog {
+        /// The checkpoint.
+        seq: u64,
+        /// Why.
+        #[source]
+        source: DiskLogError,
+    },
+    /// The checkpoint carries an extra record this receiver does not know.
+    #[error("checkpoint {seq} discarded, replica stays at {}: extra record of unknown kind {kind}", seq - 1)]
+    UnknownExtra {
+        /// The checkpoint.
+        seq: u64,
+        /// Its kind.
+        kind: u32,
+    },
+    /// Applying the disk write log failed (rolled back unless the error says the disk is lost).
+    #[error("checkpoint {seq}: {source}")]
+    Disk {
+        /// The checkpoint.
+        seq: u64,
+        /// Why.
+        #[source]
+        source: DiskApplyError,
+    },
     /// The staged state file is malformed.
     #[error("staged state {path}: {detail}")]
     Staged {
@@ -148,6 +188,10 @@ pub struct Session {
     pub image_pages: u64,
     /// Bytes of the initial image.
     pub image_bytes: u64,
+    /// Disk write log entries applied to the secondary's disks.
+    pub disk_entries: u64,
+    /// Bytes they covered.
+    pub disk_bytes: u64,
 }
 
 /// A connection that ended with an error: what it achieved, and why it ended.
@@ -238,6 +282,7 @@ pub struct Receiver<'a> {
     hv: &'a dyn Hypervisor,
     builder: &'a dyn ReplicaBuilder,
     opts: ReceiverOptions,
+    disks: Vec<ReplicaDisk>,
 }
 
 impl std::fmt::Debug for Receiver<'_> {
@@ -255,7 +300,26 @@ impl<'a> Receiver<'a> {
         builder: &'a dyn ReplicaBuilder,
         opts: ReceiverOptions,
     ) -> Receiver<'a> {
-        Receiver { hv, builder, opts }
+        Receiver {
+            hv,
+            builder,
+            opts,
+            disks: Vec::new(),
+        }
+    }
+
+    /// The secondary's copies of the guest's disks, to which every checkpoint's disk write
+    /// log is applied. Each must start equal to the primary's disk when protection starts
+    /// (e.g. copied while the guest is paused). Without disks a checkpoint that carries a disk
+    /// log is refused.
+    pub fn with_disks(mut self, disks: Vec<ReplicaDisk>) -> Receiver<'a> {
+        self.disks = disks;
+        self
+    }
+
+    /// Path of the last applied disk write log.
+    pub fn disk_log_path(&self) -> PathBuf {
+        self.opts.spool_dir.join(DISK_LOG_FILE)
     }
 
     /// Path of the staged state file.
@@ -362,6 +426,7 @@ impl<'a> Receiver<'a> {
 
         let reader = CheckpointReader::new(self.opts.limits);
         let mut seq = 1u64;
+        let mut next_log_seq = 1u64;
         loop {
             let cp = match reader.read(&mut input, seq) {
                 Ok(cp) => cp,
@@ -378,10 +443,19 @@ impl<'a> Receiver<'a> {
                 self.nack(&mut replies, seq, NackReason::Corrupt);
                 return Err(ReceiveError::Context { seq, source });
             }
-            if let Err(e) = self.apply(domid, max_pfn, &staged_path, cp, session) {
+            let entries = match self.disk_log(&cp, next_log_seq) {
+                Ok(entries) => entries,
+                Err(e) => {
+                    self.nack(&mut replies, seq, NackReason::Corrupt);
+                    return Err(e);
+                }
+            };
+            let count = entries.len() as u64;
+            if let Err(e) = self.apply(domid, max_pfn, &staged_path, cp, entries, session) {
                 self.nack(&mut replies, seq, NackReason::ApplyFailed);
                 return Err(e);
             }
+            next_log_seq += count;
             Reply::Ack(Ack { seq })
                 .write(&mut replies)
                 .map_err(|source| ReceiveError::Reply { seq, source })?;
@@ -396,33 +470,131 @@ impl<'a> Receiver<'a> {
         }
     }
 
-    /// Applies one checkpoint whole or not at all.
+    /// Decodes and checks the checkpoint's disk write log (whose first entry must be
+    /// `next_log_seq`); refuses extras of unknown kinds.
+    fn disk_log(
+        &self,
+        cp: &Checkpoint,
+        next_log_seq: u64,
+    ) -> Result<Vec<DiskLogEntry<Vec<u8>>>, ReceiveError> {
+        let seq = cp.seq;
+        if let Some((kind, _)) = cp.extra.iter().find(|(k, _)| *k != disklog::EXTRA_DISK_LOG) {
+            return Err(ReceiveError::UnknownExtra { seq, kind: *kind });
+        }
+        disklog::decode(&cp.extra, next_log_seq)
+            .map_err(|source| ReceiveError::DiskLog { seq, source })
+    }
+
+    /// Writes the checkpoint's disk log records to `DIR/disklog.kemari.tmp` (synced): an
+    /// 8-byte sequence number and a checkpoint frame without pages whose extras are the log.
+    fn write_disk_log_tmp(
+        &self,
+        seq: u64,
+        extra: Vec<(u32, Vec<u8>)>,
+    ) -> Result<PathBuf, ReceiveError> {
+        let tmp = self.disk_log_path().with_extension("kemari.tmp");
+        let cp = Checkpoint {
+            seq,
+            reason: EpochReason::Request,
+            pages: Vec::new(),
+            hvm_context: Vec::new(),
+            hvm_params: Vec::new(),
+            emulator_state: None,
+            extra,
+        };
+        let what = format!("writing the disk write log {}", tmp.display());
+        let mut f = std::io::BufWriter::new(File::create(&tmp).map_err(io_err(what.clone()))?);
+        f.write_all(&seq.to_le_bytes())
+            .map_err(io_err(what.clone()))?;
+        checkpoint::write_checkpoint(&mut f, &cp, &self.opts.limits).map_err(|e| {
+            ReceiveError::Staged {
+                path: tmp.clone(),
+                detail: e.to_string(),
+            }
+        })?;
+        f.into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(what))?;
+        Ok(tmp)
+    }
+
+    /// Applies one checkpoint (pages, staged state, disk write log) whole or not at all.
     fn apply(
         &self,
         domid: DomId,
         max_pfn: u64,
         staged_path: &Path,
-        cp: Checkpoint,
+        mut cp: Checkpoint,
+        entries: Vec<DiskLogEntry<Vec<u8>>>,
         session: &mut Session,
     ) -> Result<(), ReceiveError> {
         let seq = cp.seq;
         let pfns: Vec<u64> = cp.pages.iter().map(|(p, _)| *p).collect();
         let apply = PageApply::prepare(self.hv, domid, max_pfn, &pfns)
             .map_err(|source| ReceiveError::Apply { seq, source })?;
+        let with_disks = !self.disks.is_empty() || !entries.is_empty();
+        let disk_apply = if with_disks {
+            Some(
+                DiskApply::prepare(&self.disks, &entries)
+                    .map_err(|source| ReceiveError::Disk { seq, source })?,
+            )
+        } else {
+            None
+        };
+        let log_tmp = if with_disks {
+            Some(self.write_disk_log_tmp(seq, std::mem::take(&mut cp.extra))?)
+        } else {
+            None
+        };
+        let remove_log = |log_tmp: &Option<PathBuf>| {
+            if let Some(t) = log_tmp {
+                remove_quietly(t);
+            }
+        };
         let staged = Staged {
             seq,
             hvm_context: cp.hvm_context,
             hvm_params: cp.hvm_params,
             emulator_state: cp.emulator_state,
         };
-        let tmp = write_staged_tmp(staged_path, &staged, &self.opts.limits)?;
+        let tmp = match write_staged_tmp(staged_path, &staged, &self.opts.limits) {
+            Ok(t) => t,
+            Err(e) => {
+                remove_log(&log_tmp);
+                return Err(e);
+            }
+        };
+        // the disks first: a page failure below undoes them
+        if let Some(d) = &disk_apply {
+            if let Err(source) = d.write(&entries) {
+                remove_quietly(&tmp);
+                remove_log(&log_tmp);
+                return Err(ReceiveError::Disk { seq, source });
+            }
+        }
+        let undo_disks = |cause: String| -> Result<(), ReceiveError> {
+            match disk_apply.as_ref().map(DiskApply::undo) {
+                Some(Err(source)) => {
+                    log::error!(
+                        "checkpoint {seq}: {cause}; undoing its disk writes failed: {source}"
+                    );
+                    Err(ReceiveError::Disk { seq, source })
+                }
+                _ => Ok(()),
+            }
+        };
         let refs: Vec<&[u8; PAGE_SIZE]> = cp.pages.iter().map(|(_, d)| &**d).collect();
         if let Err(source) = apply.write(self.hv, &refs) {
             remove_quietly(&tmp);
+            remove_log(&log_tmp);
+            undo_disks(source.to_string())?;
             return Err(ReceiveError::Apply { seq, source });
         }
         if let Err(e) = std::fs::rename(&tmp, staged_path) {
             remove_quietly(&tmp);
+            remove_log(&log_tmp);
+            undo_disks(format!("renaming {} into place: {e}", tmp.display()))?;
             if let Err(source) = apply.undo(self.hv) {
                 return Err(ReceiveError::Apply {
                     seq,
@@ -444,8 +616,19 @@ impl<'a> Receiver<'a> {
                 source: e,
             });
         }
+        if let Some(t) = &log_tmp {
+            if let Err(e) = std::fs::rename(t, self.disk_log_path()) {
+                // the checkpoint is applied; only the copy of its log for inspection is missing
+                log::warn!(
+                    "checkpoint {seq}: keeping its disk log as {}: {e}",
+                    DISK_LOG_FILE
+                );
+            }
+        }
         session.checkpoints += 1;
         session.pages += pfns.len() as u64;
+        session.disk_entries += entries.len() as u64;
+        session.disk_bytes += entries.iter().map(DiskLogEntry::len_bytes).sum::<u64>();
         session.staged = Some(staged);
         Ok(())
     }

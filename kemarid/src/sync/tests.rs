@@ -12,9 +12,11 @@ use std::time::Duration;
 use hypervisor::hvm_save::{self, HvmContextBuilder};
 use hypervisor::mem::{DomainConfig, GuestError, MemXen};
 use hypervisor::{DomId, DomainControl, Errno, GuestMemory, Method, PAGE_SIZE};
-use kemari_stream::checkpoint::{self, Checkpoint, EpochReason, Reply};
+use kemari_stream::checkpoint::{self, Checkpoint, EpochReason, NackReason, Reply};
 use kemari_stream::Limits;
 
+use super::commit::{CommitHook, TriggerTap};
+use super::disk_apply::ReplicaDisk;
 use super::hash::{mem_hash, MemHash};
 use super::image;
 use super::receiver::{
@@ -163,6 +165,11 @@ struct Secondary {
 }
 
 fn secondary(tag: &str, limits: Limits) -> Secondary {
+    secondary_with(tag, limits, Vec::new())
+}
+
+/// As [`secondary`], the receiver also applying disk write logs to `disks`.
+fn secondary_with(tag: &str, limits: Limits, disks: Vec<ReplicaDisk>) -> Secondary {
     let xen = MemXen::new();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -182,7 +189,8 @@ fn secondary(tag: &str, limits: Limits) -> Secondary {
                 limits,
                 idle_timeout: Some(Duration::from_secs(60)),
             },
-        );
+        )
+        .with_disks(disks);
         rx.serve(stream)
     });
     Secondary {
@@ -1006,4 +1014,270 @@ fn pages_written_by_xen_reach_the_replica() {
     assert_eq!(page[64..72], 4u64.to_le_bytes());
     assert_eq!(hash_of(&p.xen, p.dom), hash_of(&sec.xen, replica));
     let _ = std::fs::remove_dir_all(&sec.spool);
+}
+
+// ---- output commit and the disk write log ----
+
+const DISK_BYTES: u64 = 256 * 1024;
+const XVDA: u32 = 51712;
+
+/// A disk image with a recognisable pattern, and a copy of it for the secondary.
+fn disk_pair(tag: &str) -> (PathBuf, PathBuf) {
+    let dir = spool_dir(&format!("{tag}-disks"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (primary, copy) = (dir.join("primary.img"), dir.join("copy.img"));
+    let data: Vec<u8> = (0..DISK_BYTES).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&primary, &data).unwrap();
+    std::fs::write(&copy, &data).unwrap();
+    (primary, copy)
+}
+
+/// What the fake backend saw for one released write.
+#[derive(Debug, Clone, Copy)]
+struct Released {
+    epoch: u64,
+    acked: u64,
+}
+
+/// A backend stand-in: takes writes from an imaginary ring (holding and logging them through
+/// the gate, kicking the tap) and executes each on the primary's disk only when the gate
+/// releases its epoch, as blkback does.
+fn fake_backend(
+    gate: Arc<xenbus_backend::commit::OutputGate>,
+    disk: PathBuf,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<(Vec<Released>, usize)> {
+    std::thread::spawn(move || {
+        use std::os::unix::fs::FileExt;
+        use xenbus_backend::commit::LoggedOp;
+        let file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        let mut held: std::collections::VecDeque<(u64, u64, Arc<[u8]>)> = Default::default();
+        let mut released = Vec::new();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let release = |held: &mut std::collections::VecDeque<(u64, u64, Arc<[u8]>)>,
+                       released: &mut Vec<Released>| {
+            while let Some((epoch, sector, data)) = held.front().cloned() {
+                if !gate.is_released(epoch) {
+                    break;
+                }
+                released.push(Released {
+                    epoch,
+                    acked: gate.released(),
+                });
+                file.write_all_at(&data, sector * 512).unwrap();
+                held.pop_front();
+            }
+        };
+        while !stop.load(Ordering::SeqCst) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let sectors = 1 + (x % 8);
+            let sector = (x >> 8) % (DISK_BYTES / 512 - sectors);
+            let data: Arc<[u8]> = Arc::from(vec![(x >> 40) as u8; sectors as usize * 512]);
+            if let Some(epoch) = gate.hold_logged(XVDA, sector, LoggedOp::Write(data.clone())) {
+                held.push_back((epoch, sector, data));
+                gate.kick();
+            }
+            release(&mut held, &mut released);
+            std::thread::sleep(Duration::from_micros(300));
+        }
+        release(&mut held, &mut released);
+        (released, held.len())
+    })
+}
+
+/// Writes travel inside the checkpoint whose ACK releases them: at the end (primary held
+/// paused at the last ACK) the secondary's copy of the disk equals the primary's disk, every
+/// write was executed only after an ACK of at least its epoch, and the kicks were the
+/// checkpoints' triggers.
+#[test]
+fn disk_writes_reach_the_secondary_with_their_checkpoint_and_are_released_after_its_ack() {
+    let p = primary(true, 1);
+    let (pdisk, sdisk) = disk_pair("pvh-commit");
+    let sec = secondary_with(
+        "pvh-commit",
+        Limits::default(),
+        vec![ReplicaDisk {
+            devid: XVDA,
+            path: sdisk.clone(),
+        }],
+    );
+    // a long maximum epoch: the checkpoints are the tap's
+    let triggers = Triggers::new(Duration::from_secs(3600));
+    let gate = xenbus_backend::commit::OutputGate::new(1, Box::new(TriggerTap(triggers.clone())));
+    let stop = Arc::new(AtomicBool::new(false));
+    let backend = fake_backend(gate.clone(), pdisk.clone(), stop.clone());
+    let stream = TcpStream::connect(sec.addr).unwrap();
+    let mut tx = Sender::new(&p.xen, p.dom, stream, opts(), None).unwrap();
+    tx.initial_sync(&config(true), &mut |_| {}).unwrap();
+    let mut hook = CommitHook::new(
+        CountHook {
+            limit: Some(25),
+            hold: true,
+        },
+        gate.clone(),
+    );
+    let out = tx.protect(&triggers, &mut hook).unwrap();
+    assert_eq!(out.last_seq, 25);
+    assert!(out.held_paused);
+    // the backend has seen ACK 25; what it took after checkpoint 25's pause stays held
+    stop.store(true, Ordering::SeqCst);
+    let (released, still_held) = backend.join().unwrap();
+    drop(tx);
+    let session = sec.handle.join().unwrap().unwrap();
+    assert_eq!(session.acked, Some(25));
+    assert!(released.len() > 25, "{} writes released", released.len());
+    for r in &released {
+        assert!(
+            r.epoch >= 1 && r.epoch <= r.acked && r.acked <= 25,
+            "released before its ACK: {r:?}"
+        );
+    }
+    assert_eq!(
+        session.disk_entries,
+        released.len() as u64,
+        "{still_held} still held"
+    );
+    assert_eq!(session.disk_entries, hook.shipped_entries);
+    assert!(
+        std::fs::read(&pdisk).unwrap() == std::fs::read(&sdisk).unwrap(),
+        "the secondary's disk differs from the primary's at the last ACK"
+    );
+    // the last applied log is kept, checksummed
+    assert!(sec.spool.join(super::receiver::DISK_LOG_FILE).exists());
+    gate.end();
+    let _ = std::fs::remove_dir_all(&sec.spool);
+}
+
+fn frame_with_log(seq: u64, byte: u8, extra: Vec<(u32, Vec<u8>)>) -> Vec<u8> {
+    let cp = Checkpoint {
+        seq,
+        reason: EpochReason::Io {
+            device: String::new(),
+        },
+        pages: (0..40u64)
+            .map(|pfn| {
+                let mut pg = checkpoint::zero_page();
+                pg.fill(byte);
+                (pfn, pg)
+            })
+            .collect(),
+        hvm_context: cpu_context(1, seq),
+        hvm_params: vec![(1, seq)],
+        emulator_state: None,
+        extra,
+    };
+    checkpoint::encode_checkpoint(&cp, &Limits::default()).unwrap()
+}
+
+fn log_of(entries: &[(u64, u32, u64, Vec<u8>)]) -> Vec<(u32, Vec<u8>)> {
+    let e: Vec<_> = entries
+        .iter()
+        .map(
+            |(seq, devid, sector, data)| kemari_stream::disklog::DiskLogEntry {
+                seq: *seq,
+                devid: *devid,
+                sector: *sector,
+                op: kemari_stream::disklog::DiskOp::Write(data.clone()),
+            },
+        )
+        .collect();
+    kemari_stream::disklog::encode(&e).unwrap()
+}
+
+/// A checkpoint whose disk log is corrupt, out of sequence, beyond the disk, for a disk the
+/// receiver lacks, or whose pages fail to apply after the disk was written, is refused whole:
+/// NACK, the replica's memory AND disk stay at the previous checkpoint.
+#[test]
+fn bad_disk_logs_and_late_failures_leave_memory_and_disk_at_the_last_ack() {
+    type Bad = Box<dyn Fn(&Secondary) -> Vec<(u32, Vec<u8>)>>;
+    let good = |seq| log_of(&[(seq, XVDA, 8, vec![0xC2; 1024])]);
+    let cases: Vec<(&str, Bad, NackReason)> = vec![
+        (
+            "gap",
+            Box::new(|_| log_of(&[(3, XVDA, 8, vec![0xC2; 512])])),
+            NackReason::Corrupt,
+        ),
+        (
+            "beyond",
+            Box::new(|_| log_of(&[(2, XVDA, DISK_BYTES / 512 - 1, vec![0xC2; 1024])])),
+            NackReason::ApplyFailed,
+        ),
+        (
+            "nodisk",
+            Box::new(|_| log_of(&[(2, 51728, 0, vec![0xC2; 512])])),
+            NackReason::ApplyFailed,
+        ),
+        (
+            "corrupt",
+            Box::new(move |_| {
+                let mut l = good(2);
+                l[0].1[0] = 9; // version
+                l
+            }),
+            NackReason::Corrupt,
+        ),
+        (
+            "kind",
+            Box::new(move |_| {
+                let mut l = good(2);
+                l.push((77, vec![1, 2, 3]));
+                l
+            }),
+            NackReason::Corrupt,
+        ),
+        (
+            "pages",
+            Box::new(move |sec| {
+                sec.xen.faults().fail_on(Method::WritePages, 1, Errno::EIO);
+                good(2)
+            }),
+            NackReason::ApplyFailed,
+        ),
+    ];
+    for (tag, bad, reason) in cases {
+        let p = primary(false, 1);
+        p.xen.pause(p.dom).unwrap();
+        let (_, sdisk) = disk_pair(&format!("badlog-{tag}"));
+        let sec = secondary_with(
+            &format!("badlog-{tag}"),
+            Limits::default(),
+            vec![ReplicaDisk {
+                devid: XVDA,
+                path: sdisk.clone(),
+            }],
+        );
+        let mut raw = RawPrimary::connect(&sec, &p);
+        raw.send(&frame_with_log(
+            1,
+            0xA1,
+            log_of(&[(1, XVDA, 0, vec![0xA1; 512])]),
+        ));
+        assert_eq!(
+            Reply::read(&mut raw.s).unwrap(),
+            Reply::Ack(checkpoint::Ack { seq: 1 })
+        );
+        let at_1 = std::fs::read(&sdisk).unwrap();
+        assert!(at_1[..512].iter().all(|b| *b == 0xA1));
+        let extra = bad(&sec);
+        raw.send(&frame_with_log(2, 0xB2, extra));
+        assert_eq!(
+            Reply::read(&mut raw.s).unwrap(),
+            Reply::Nack(checkpoint::Nack { seq: 2, reason }),
+            "{tag}"
+        );
+        let fail = sec.handle.join().unwrap().unwrap_err();
+        assert_eq!(fail.session.acked, Some(1), "{tag}");
+        assert!(
+            std::fs::read(&sdisk).unwrap() == at_1,
+            "{tag}: disk changed"
+        );
+        let g = sec.xen.guest(fail.session.replica.unwrap());
+        for pfn in 0..40 {
+            assert_eq!(g.read_page(pfn).unwrap()[7], 0xA1, "{tag}: pfn {pfn}");
+        }
+        assert!(!sec.spool.join("disklog.kemari.tmp").exists(), "{tag}");
+        let _ = std::fs::remove_dir_all(&sec.spool);
+    }
 }
