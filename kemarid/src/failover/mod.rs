@@ -3,3 +3,6 @@
 
 pub mod heartbeat;
 pub mod resume;
+
+#[cfg(test)]
+mod tests;

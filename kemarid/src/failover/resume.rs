@@ -294,8 +294,8 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// [`Method::Restore`] with `xl`: writes `DIR/failover.img` from the replica and `staged`
-/// (configuration from the spooled `initial_image`), destroys the replica, restores the image
-/// running under `name`, and removes the image.
+/// (configuration from the spooled `initial_image`, which is then removed), destroys the
+/// replica, restores the image running under `name`, and removes the image.
 pub fn resume_by_restore(
     hv: &dyn Hypervisor,
     xl: &XlTool,
@@ -325,6 +325,11 @@ pub fn resume_by_restore(
         }
         _ => None,
     };
+    // The spooled initial image is superseded (the replica holds newer memory, and only its
+    // configuration was needed): remove it first, dom0's spool is usually a small RAM disk.
+    if let Err(e) = std::fs::remove_file(initial_image) {
+        log::warn!("cannot remove {}: {e}", initial_image.display());
+    }
     let path = spool_dir.join("failover.img");
     let file = std::fs::File::create(&path).map_err(|e| FailoverError::Image {
         what: "creating",
