@@ -19,6 +19,8 @@ use kemarid::{domconfig, xlsave};
 
 #[path = "kemari/attach_cmd.rs"]
 mod attach_cmd;
+#[path = "kemari/commit_cmd.rs"]
+mod commit_cmd;
 #[path = "kemari/sync_cmd.rs"]
 mod sync_cmd;
 

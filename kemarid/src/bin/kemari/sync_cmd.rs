@@ -77,6 +77,9 @@ pub struct ReplicateArgs {
     pub heartbeat_port: Option<u16>,
     #[command(flatten)]
     pub heartbeat: HeartbeatArgs,
+    /// Output commit: the guest's disk served here (--disk, --vdev, --unpause, --commit-log).
+    #[command(flatten)]
+    pub commit: crate::commit_cmd::CommitArgs,
 }
 
 /// Heartbeat timing (both ends should agree).
@@ -132,6 +135,9 @@ pub struct ReceiveArgs {
     pub heartbeat_listen: Option<String>,
     #[command(flatten)]
     pub heartbeat: HeartbeatArgs,
+    /// The secondary's copy of the guest's disk (--disk, --vdev).
+    #[command(flatten)]
+    pub disk: crate::commit_cmd::ReceiveDiskArgs,
     /// When the primary is dead (heartbeat) after the initial sync, run the guest here from
     /// the last ACKed checkpoint.
     #[arg(long, requires = "heartbeat_listen")]
@@ -200,6 +206,8 @@ pub fn run(cmd: SyncCommand, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
+    // before any thread starts: SIGUSR1 asks for a held stop (commit_cmd)
+    let usr1 = crate::commit_cmd::block_usr1()?;
     let host = open_host()?;
     let hv: &dyn Hypervisor = &host;
     let domid = kemarid::debug::resolve_domain(hv, &a.domain)?;
@@ -245,6 +253,15 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
         None => None,
         Some(port) => Some(start_pinger(&a.target, port, a.heartbeat, &stream)?),
     };
+    let disk = crate::commit_cmd::DiskService::start(domid, &a.commit, &triggers)?;
+    crate::commit_cmd::hold_on_usr1(usr1.clone(), triggers.clone())?;
+    let end_disk = |disk: Option<crate::commit_cmd::DiskService>| {
+        if let Some(d) = disk {
+            if let Err(e) = d.finish(false, &triggers, json) {
+                eprintln!("kemari replicate: disk: {e:#}");
+            }
+        }
+    };
     let mut tx = Sender::new(hv, domid, stream, opts, device)?;
     if a.suspend {
         tx.set_quiesce(Quiesce::Suspend {
@@ -283,6 +300,7 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
         Err(e) => {
             drop(tx);
             lost("during the initial sync", &e, heartbeat);
+            end_disk(disk);
             return Err(e.into());
         }
     };
@@ -295,14 +313,20 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
         eprintln!(
             "kemari replicate: stopped after the initial sync; guest {domid} runs unprotected"
         );
+        end_disk(disk);
         return Ok(ExitCode::FAILURE);
     }
-    let mut hook = CountHook {
-        limit: a.checkpoints,
-        hold: a.hold,
-    };
+    crate::commit_cmd::unpause_if_asked(&a.commit, hv, domid)?;
+    let mut hook = crate::commit_cmd::hook(
+        CountHook {
+            limit: a.checkpoints,
+            hold: a.hold,
+        },
+        usr1,
+        disk.as_ref(),
+    );
     let protect_start = Instant::now();
-    let out = match tx.protect(&triggers, &mut hook) {
+    let out = match tx.protect(&triggers, &mut *hook) {
         Ok(o) => o,
         Err(e) => {
             let s = tx.stats();
@@ -312,6 +336,8 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
                 s.checkpoints
             );
             lost("during protection", &e, heartbeat);
+            drop(hook);
+            end_disk(disk);
             return Err(e.into());
         }
     };
@@ -353,6 +379,10 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
             out.last_seq,
             out.held_paused
         );
+    }
+    drop(hook);
+    if let Some(d) = disk {
+        d.finish(out.held_paused, &triggers, json)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -422,7 +452,8 @@ fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
             limits: kemari_stream::Limits::default(),
             idle_timeout: (a.idle_timeout_s > 0).then(|| Duration::from_secs(a.idle_timeout_s)),
         },
-    );
+    )
+    .with_disks(a.disk.disks()?);
     let listener =
         TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
     eprintln!("kemari receive: listening on {}", a.listen);
@@ -513,6 +544,8 @@ fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
                 "seconds": secs,
                 "error": error.as_ref().map(|e| format!("{e:#}")),
                 "staged": rx.staged_path(),
+                "disk_entries": session.disk_entries,
+                "disk_bytes": session.disk_bytes,
                 "failover": failover,
             }))?;
         } else {
