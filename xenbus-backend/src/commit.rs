@@ -259,11 +259,12 @@ impl OutputGate {
 
     /// The secondary ACKed checkpoint `seq`: output of epochs `<= seq` is released.
     pub fn acked(&self, seq: u64) {
+        // logged first: a release line naming this ACK always comes after it
+        self.log_line(format_args!("ack seq={seq}"));
         {
             let mut st = self.lock();
             st.released = st.released.max(seq);
         }
-        self.log_line(format_args!("ack seq={seq}"));
         self.wake();
     }
 
