@@ -33,6 +33,7 @@
 //! requests are answered with errors and logged at most [`LOGGED_BAD_REQUESTS`] times at
 //! `warn`.
 
+use std::ops::Range;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -41,12 +42,12 @@ use hypervisor::{
     DomId, EventChannels, GrantMapping, GrantRef, GrantTables, HypervisorError, Port, XenStore,
     PAGE_SIZE,
 };
-use zerocopy::little_endian::{I16, U16};
+use zerocopy::little_endian::{I16, U16, U32};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::device::{self, DeviceError, DevicePaths};
 use crate::netif::{
-    complete_checksum, parse_tx_packet, RxRequest, RxResponse, TxPacket, TxResponse,
+    complete_checksum, parse_tx_packet, RxRequest, RxResponse, TxChain, TxPacket, TxResponse,
     NETIF_RSP_ERROR, NETIF_RSP_NULL, NETIF_RSP_OKAY, RX_ENTRY_SIZE, TX_ENTRY_SIZE,
 };
 use crate::ring::{BackRing, RingError};
@@ -758,8 +759,13 @@ impl<'h> Vif<'h> {
         }
     }
 
-    /// Takes every queued TX request, transmits the packets, writes the responses; true if
-    /// the frontend wants an event.
+    /// Takes every queued TX request, copies the packets out, answers them and hands the
+    /// frames to the sink; true if the frontend wants an event.
+    ///
+    /// The data pages of every valid packet of the pass are mapped read-only in one batch
+    /// (one mapping per packet if the batch fails, so a bad grant costs only its packet) and
+    /// unmapped before any response is written: netfront revokes a grant once it sees the
+    /// response, and a grant still mapped makes it declare the device broken.
     fn serve_tx(&mut self, conn: &mut Conn) -> Result<bool, VifError> {
         let err = self.ring_err("tx");
         let n = conn.tx.unconsumed().map_err(&err)?;
@@ -772,6 +778,7 @@ impl<'h> Vif<'h> {
             conn.tx.take_request(&mut e).map_err(&err)?;
             slots.push(e);
         }
+        let mut chains = Vec::new();
         let mut at = 0;
         while at < slots.len() {
             // nothing beyond what the guest produced: a chain running past req_prod is fatal
@@ -781,11 +788,22 @@ impl<'h> Vif<'h> {
                     devid: self.paths.devid,
                     source,
                 })?;
-            let status = match &chain.packet {
-                Ok(p) => self.transmit(p),
-                Err(e) => {
+            at += chain.consumed.max(1);
+            chains.push(chain);
+        }
+        let spans = self.copy_tx_packets(&chains);
+        let mut frames = std::mem::take(&mut self.frame);
+        for (chain, span) in chains.iter().zip(spans) {
+            let status = match (&chain.packet, span) {
+                (Err(e), _) => {
                     self.bad_request(format_args!("dropped TX packet: {e}"));
                     NETIF_RSP_ERROR
+                }
+                (Ok(_), None) => NETIF_RSP_ERROR,
+                (Ok(p), Some(range)) => {
+                    let frame = &mut frames[range];
+                    self.deliver(frame, p.csum_blank);
+                    NETIF_RSP_OKAY
                 }
             };
             if status != NETIF_RSP_OKAY {
@@ -798,42 +816,91 @@ impl<'h> Vif<'h> {
                 };
                 conn.tx.put_response(rsp.as_bytes()).map_err(&err)?;
             }
-            at += chain.consumed.max(1);
         }
+        self.frame = frames;
         conn.tx.push_responses().map_err(&err)
     }
 
-    /// Copies a validated packet out of the guest's pages (mapped read-only in one batch,
-    /// unmapped before its responses are written, as netfront revokes the grants on them),
-    /// completes its checksum if the guest left it, and hands it to the sink.
-    fn transmit(&mut self, p: &TxPacket) -> i16 {
-        let refs: Vec<GrantRef> = p.slots.iter().map(|s| s.gref).collect();
-        self.frame.clear();
-        self.frame.resize(p.size, 0);
-        let copied = (|| -> Result<(), HypervisorError> {
-            let m = self.gnttab.map_grant_refs(self.paths.domid, &refs, false)?;
-            let mut pos = 0;
-            for (i, s) in p.slots.iter().enumerate() {
-                m.read(i * PAGE_SIZE + s.offset, &mut self.frame[pos..pos + s.len])?;
-                pos += s.len;
+    /// Copies the valid packets of `chains` into `self.frame`, one after the other; per chain
+    /// the range of its frame, or `None` (invalid packet, or its pages could not be mapped).
+    /// Every mapping is gone when this returns.
+    fn copy_tx_packets(&mut self, chains: &[TxChain]) -> Vec<Option<Range<usize>>> {
+        let domid = self.paths.domid;
+        let refs: Vec<GrantRef> = chains
+            .iter()
+            .filter_map(|c| c.packet.as_ref().ok())
+            .flat_map(|p| p.slots.iter().map(|s| s.gref))
+            .collect();
+        let batch = if refs.is_empty() {
+            None
+        } else {
+            match self.gnttab.map_grant_refs(domid, &refs, false) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    log::debug!(
+                        "{}: TX batch of {} pages not mapped ({e}), one packet at a time",
+                        self.paths.backend,
+                        refs.len()
+                    );
+                    None
+                }
             }
-            Ok(())
-        })();
-        if let Err(e) = copied {
-            self.bad_request(format_args!("TX packet of {} bytes: {e}", p.size));
-            return NETIF_RSP_ERROR;
+        };
+        self.frame.clear();
+        let mut spans = Vec::with_capacity(chains.len());
+        let mut first_page = 0;
+        for chain in chains {
+            let Ok(p) = &chain.packet else {
+                spans.push(None);
+                continue;
+            };
+            let start = self.frame.len();
+            self.frame.resize(start + p.size, 0);
+            let out = &mut self.frame[start..];
+            let copied = match &batch {
+                Some(m) => copy_slots(m.as_ref(), first_page, p, out),
+                None => {
+                    let own: Vec<GrantRef> = p.slots.iter().map(|s| s.gref).collect();
+                    self.gnttab
+                        .map_grant_refs(domid, &own, false)
+                        .and_then(|m| copy_slots(m.as_ref(), 0, p, out))
+                }
+            };
+            first_page += p.slots.len();
+            match copied {
+                Ok(true) => spans.push(Some(start..start + p.size)),
+                Ok(false) => {
+                    self.frame.truncate(start);
+                    self.bad_request(format_args!(
+                        "TX packet of {} bytes: slots do not add up to its size",
+                        p.size
+                    ));
+                    spans.push(None);
+                }
+                Err(e) => {
+                    self.frame.truncate(start);
+                    self.bad_request(format_args!("TX packet of {} bytes: {e}", p.size));
+                    spans.push(None);
+                }
+            }
         }
-        if p.csum_blank {
-            if let Err(e) = complete_checksum(&mut self.frame) {
+        spans
+    }
+
+    /// Completes the checksum the guest left blank, if asked, and hands the frame to the sink
+    /// (the single place a guest's packet leaves: output commit defers it there).
+    fn deliver(&mut self, frame: &mut [u8], csum_blank: bool) {
+        if csum_blank {
+            if let Err(e) = complete_checksum(frame) {
                 self.stats.tx_dropped += 1;
                 self.bad_request(format_args!("TX packet with a blank checksum dropped: {e}"));
-                return NETIF_RSP_OKAY;
+                return;
             }
         }
-        match self.sink.deliver(&self.frame) {
+        match self.sink.deliver(frame) {
             Ok(()) => {
                 self.stats.tx_packets += 1;
-                self.stats.tx_bytes += p.size as u64;
+                self.stats.tx_bytes += frame.len() as u64;
             }
             Err(e) => {
                 self.stats.tx_dropped += 1;
@@ -852,45 +919,90 @@ impl<'h> Vif<'h> {
                 }
             }
         }
-        NETIF_RSP_OKAY
     }
 
-    /// Moves frames from the tap into the guest's posted receive buffers; true if the
-    /// frontend wants an event.
+    /// Moves frames from the tap into the guest's posted receive buffers (at most one frame
+    /// per buffer, the buffers' pages mapped writable in one batch, one by one if the batch
+    /// fails, unmapped before the responses); true if the frontend wants an event.
     fn serve_rx(&mut self, conn: &mut Conn) -> Result<bool, VifError> {
         let err = self.ring_err("rx");
-        let mut avail = conn.rx.unconsumed().map_err(&err)?;
-        while avail > 0 {
+        let avail = conn.rx.unconsumed().map_err(&err)? as usize;
+        let mut lens = Vec::new();
+        let mut frames = std::mem::take(&mut self.frame);
+        frames.clear();
+        while lens.len() < avail {
             let len = match self.tap.recv(&mut self.rx_buf) {
                 Ok(Some(n)) => n,
                 Ok(None) => break,
                 Err(source) => {
+                    self.frame = frames;
                     return Err(VifError::TapIo {
                         domid: self.paths.domid,
                         devid: self.paths.devid,
                         tap: self.tap.name().to_owned(),
                         source,
-                    })
+                    });
                 }
             };
             if len > PAGE_SIZE || len == 0 {
                 self.stats.rx_dropped += 1;
                 continue;
             }
+            frames.extend_from_slice(&self.rx_buf[..len]);
+            lens.push(len);
+        }
+        let mut reqs = Vec::with_capacity(lens.len());
+        for _ in 0..lens.len() {
             let mut e = [0u8; RX_ENTRY_SIZE];
-            conn.rx.take_request(&mut e).map_err(&err)?;
-            avail -= 1;
-            let req = RxRequest::read_from_bytes(&e[..]).map_err(|_| {
-                err(RingError::TooSmall {
-                    len: e.len(),
-                    entry_size: RX_ENTRY_SIZE,
-                })
-            })?;
-            let written = self
-                .gnttab
-                .map_grant_refs(self.paths.domid, &[req.gref.get()], true)
-                .and_then(|m: Box<dyn GrantMapping>| m.write(0, &self.rx_buf[..len]));
-            let status = match written {
+            if let Err(e) = conn.rx.take_request(&mut e) {
+                self.frame = frames;
+                return Err(err(e));
+            }
+            // an 8-byte copy always decodes
+            let req = RxRequest::read_from_bytes(&e[..]).unwrap_or(RxRequest {
+                id: U16::new(0),
+                pad: U16::new(0),
+                gref: U32::new(u32::MAX),
+            });
+            reqs.push(req);
+        }
+        let statuses = self.fill_rx_buffers(&reqs, &lens, &frames);
+        self.frame = frames;
+        for (req, status) in reqs.iter().zip(statuses) {
+            let rsp = RxResponse {
+                id: req.id,
+                offset: U16::new(0),
+                flags: U16::new(0),
+                status: I16::new(status),
+            };
+            conn.rx.put_response(rsp.as_bytes()).map_err(&err)?;
+        }
+        conn.rx.push_responses().map_err(&err)
+    }
+
+    /// Writes frame `i` (`lens[i]` bytes, one after the other in `frames`) into the page of
+    /// `reqs[i]`; the status of each response (its size, or `NETIF_RSP_ERROR`).
+    fn fill_rx_buffers(&mut self, reqs: &[RxRequest], lens: &[usize], frames: &[u8]) -> Vec<i16> {
+        let domid = self.paths.domid;
+        let refs: Vec<GrantRef> = reqs.iter().map(|r| r.gref.get()).collect();
+        let batch = if refs.is_empty() {
+            None
+        } else {
+            self.gnttab.map_grant_refs(domid, &refs, true).ok()
+        };
+        let mut statuses = Vec::with_capacity(reqs.len());
+        let mut pos = 0;
+        for (i, (req, &len)) in reqs.iter().zip(lens).enumerate() {
+            let data = &frames[pos..pos + len];
+            pos += len;
+            let written = match &batch {
+                Some(m) => m.write(i * PAGE_SIZE, data),
+                None => self
+                    .gnttab
+                    .map_grant_refs(domid, &[req.gref.get()], true)
+                    .and_then(|m| m.write(0, data)),
+            };
+            statuses.push(match written {
                 Ok(()) => {
                     self.stats.rx_packets += 1;
                     self.stats.rx_bytes += len as u64;
@@ -906,17 +1018,30 @@ impl<'h> Vif<'h> {
                     ));
                     NETIF_RSP_ERROR
                 }
-            };
-            let rsp = RxResponse {
-                id: req.id,
-                offset: U16::new(0),
-                flags: U16::new(0),
-                status: I16::new(status),
-            };
-            conn.rx.put_response(rsp.as_bytes()).map_err(&err)?;
+            });
         }
-        conn.rx.push_responses().map_err(&err)
+        statuses
     }
+}
+
+/// Copies packet `p`'s slots out of `m`, whose pages from `first_page` on are the slots'
+/// pages in order, into `out` (`p.size` bytes; validated packets' slots add up to it, so
+/// `false`, slots not fitting `out`, does not happen).
+fn copy_slots(
+    m: &dyn GrantMapping,
+    first_page: usize,
+    p: &TxPacket,
+    out: &mut [u8],
+) -> Result<bool, HypervisorError> {
+    let mut pos = 0;
+    for (i, s) in p.slots.iter().enumerate() {
+        let Some(dst) = out.get_mut(pos..pos + s.len) else {
+            return Ok(false);
+        };
+        m.read((first_page + i) * PAGE_SIZE + s.offset, dst)?;
+        pos += s.len;
+    }
+    Ok(pos == out.len())
 }
 
 impl Drop for Vif<'_> {
