@@ -332,8 +332,8 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
             let s = tx.stats();
             drop(tx);
             eprintln!(
-                "kemari replicate: {} checkpoints ACKed before the loss",
-                s.checkpoints
+                "kemari replicate: {} checkpoints ACKed before the loss (pause mean {:.1} ms, p99 {:.1} ms, {:.1} pages each)",
+                s.checkpoints, s.pause_mean_ms, s.pause_p99_ms, s.pages_mean
             );
             lost("during protection", &e, heartbeat);
             drop(hook);
