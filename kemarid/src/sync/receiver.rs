@@ -188,6 +188,9 @@ pub struct Session {
     pub image_pages: u64,
     /// Bytes of the initial image.
     pub image_bytes: u64,
+    /// Checkpoint pages left out because the replica has no page at their pfn (see
+    /// [`Receiver`]'s apply: frames the guest mapped into its physmap after the initial image).
+    pub skipped_pages: u64,
     /// Disk write log entries applied to the secondary's disks.
     pub disk_entries: u64,
     /// Bytes they covered.
@@ -470,6 +473,71 @@ impl<'a> Receiver<'a> {
         }
     }
 
+    /// Phase 1 of the page apply. A pfn the primary has and the replica does not (a hole when
+    /// the initial image was taken: with Xen 4.17 these are frames the guest later maps into its
+    /// physmap itself - grant-table frames when a frontend connects, shared info - whose
+    /// contents are hypervisor state, not RAM; the replica cannot be given a page there without
+    /// populating its physmap, which Xen's own restorer does and ours does not yet) fails the
+    /// read of its undo copy: such pages are left out of the checkpoint (logged, counted in
+    /// [`Session::skipped_pages`]), as the sender leaves out pfns it cannot read. Any other
+    /// failure refuses the checkpoint.
+    fn prepare_pages(
+        &self,
+        domid: DomId,
+        max_pfn: u64,
+        cp: &mut Checkpoint,
+    ) -> Result<(PageApply, u64), ReceiveError> {
+        let seq = cp.seq;
+        let mut skipped = 0u64;
+        loop {
+            let pfns: Vec<u64> = cp.pages.iter().map(|(p, _)| *p).collect();
+            match PageApply::prepare(self.hv, domid, max_pfn, &pfns) {
+                Ok(a) => return Ok((a, skipped)),
+                Err(ApplyError::Prepare {
+                    source: HypervisorError::Pages { failures, .. },
+                    ..
+                }) if !failures.is_empty()
+                    && failures.iter().all(|(_, e)| {
+                        matches!(*e, hypervisor::Errno::EINVAL | hypervisor::Errno::ENOENT)
+                    }) =>
+                {
+                    let missing: std::collections::HashSet<u64> =
+                        failures.iter().map(|(p, _)| *p).collect();
+                    let before = cp.pages.len();
+                    cp.pages.retain(|(p, _)| !missing.contains(p));
+                    let dropped = (before - cp.pages.len()) as u64;
+                    if dropped == 0 {
+                        // the failures name pfns the checkpoint does not have: give up
+                        return Err(ReceiveError::Apply {
+                            seq,
+                            source: ApplyError::Prepare {
+                                domid,
+                                pages: pfns.len(),
+                                source: HypervisorError::Pages {
+                                    op: hypervisor::Method::ReadPages,
+                                    domid,
+                                    failures,
+                                },
+                            },
+                        });
+                    }
+                    let mut list: Vec<u64> = missing.into_iter().collect();
+                    list.sort_unstable();
+                    log::warn!(
+                        "checkpoint {seq}: {dropped} pages at pfns the replica does not have left out: {}",
+                        list.iter()
+                            .take(8)
+                            .map(|p| format!("{p:#x}"))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    );
+                    skipped += dropped;
+                }
+                Err(source) => return Err(ReceiveError::Apply { seq, source }),
+            }
+        }
+    }
+
     /// Decodes and checks the checkpoint's disk write log (whose first entry must be
     /// `next_log_seq`); refuses extras of unknown kinds.
     fn disk_log(
@@ -530,9 +598,8 @@ impl<'a> Receiver<'a> {
         session: &mut Session,
     ) -> Result<(), ReceiveError> {
         let seq = cp.seq;
+        let (apply, skipped) = self.prepare_pages(domid, max_pfn, &mut cp)?;
         let pfns: Vec<u64> = cp.pages.iter().map(|(p, _)| *p).collect();
-        let apply = PageApply::prepare(self.hv, domid, max_pfn, &pfns)
-            .map_err(|source| ReceiveError::Apply { seq, source })?;
         let with_disks = !self.disks.is_empty() || !entries.is_empty();
         let disk_apply = if with_disks {
             Some(
@@ -627,6 +694,7 @@ impl<'a> Receiver<'a> {
         }
         session.checkpoints += 1;
         session.pages += pfns.len() as u64;
+        session.skipped_pages += skipped;
         session.disk_entries += entries.len() as u64;
         session.disk_bytes += entries.iter().map(DiskLogEntry::len_bytes).sum::<u64>();
         session.staged = Some(staged);

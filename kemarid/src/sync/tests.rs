@@ -1281,3 +1281,40 @@ fn bad_disk_logs_and_late_failures_leave_memory_and_disk_at_the_last_ack() {
         let _ = std::fs::remove_dir_all(&sec.spool);
     }
 }
+
+/// A page at a pfn the replica does not have (a hole when the image was taken, e.g. a
+/// grant-table frame the guest mapped later) is left out and counted; the rest is applied.
+#[test]
+fn pages_at_pfns_the_replica_lacks_are_left_out() {
+    let p = primary(false, 1);
+    p.xen.pause(p.dom).unwrap();
+    let sec = secondary("holes", Limits::default());
+    let mut raw = RawPrimary::connect(&sec, &p);
+    let mut cp = Checkpoint {
+        seq: 1,
+        reason: EpochReason::Interval,
+        pages: Vec::new(),
+        hvm_context: cpu_context(1, 1),
+        hvm_params: vec![(1, 1)],
+        emulator_state: None,
+        extra: Vec::new(),
+    };
+    for pfn in [3u64, HOLES[0], 7, HOLES[2]] {
+        let mut pg = checkpoint::zero_page();
+        pg.fill(0xD4);
+        cp.pages.push((pfn, pg));
+    }
+    raw.send(&checkpoint::encode_checkpoint(&cp, &Limits::default()).unwrap());
+    assert_eq!(
+        Reply::read(&mut raw.s).unwrap(),
+        Reply::Ack(checkpoint::Ack { seq: 1 })
+    );
+    raw.s.shutdown(std::net::Shutdown::Write).unwrap();
+    let session = sec.handle.join().unwrap().unwrap();
+    assert_eq!((session.pages, session.skipped_pages), (2, 2));
+    let g = sec.xen.guest(session.replica.unwrap());
+    assert_eq!(g.read_page(3).unwrap()[9], 0xD4);
+    assert_eq!(g.read_page(7).unwrap()[9], 0xD4);
+    assert!(g.read_page(HOLES[0]).is_err());
+    let _ = std::fs::remove_dir_all(&sec.spool);
+}
