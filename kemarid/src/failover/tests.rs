@@ -235,3 +235,77 @@ fn a_guest_that_does_not_suspend_ends_protection_running() {
         b""
     );
 }
+
+/// `--hold` with suspend checkpoints: the guest ends paused exactly at the last ACK, resumed
+/// from its suspend (not shut down), so a later unpause lets it run on.
+#[test]
+fn held_suspend_checkpoint_leaves_the_guest_paused_not_suspended() {
+    use crate::sync::sender::CountHook;
+    let primary = MemXen::new();
+    let mut cfg = DomainConfig::pvh(PAGES);
+    cfg.hvm_context = Some(context(0));
+    let dom = primary.create_domain(cfg).unwrap();
+    let secondary = MemXen::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let spool = std::env::temp_dir().join(format!("kemari-failover-hold-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&spool);
+    let (sx, sp) = (secondary.clone(), spool.clone());
+    let rx = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let builder = MemReplicaBuilder::new(sx.clone());
+        Receiver::new(
+            &sx,
+            &builder,
+            ReceiverOptions {
+                spool_dir: sp,
+                name: None,
+                limits: Limits::default(),
+                idle_timeout: Some(Duration::from_secs(60)),
+            },
+        )
+        .serve(stream)
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let suspends = Arc::new(AtomicU64::new(0));
+    let g = {
+        let (x, s, n) = (primary.clone(), stop.clone(), suspends.clone());
+        std::thread::spawn(move || guest(&x, dom, s, n))
+    };
+    let mut tx = Sender::new(
+        &primary,
+        dom,
+        TcpStream::connect(addr).unwrap(),
+        SenderOptions::default(),
+        None,
+    )
+    .unwrap();
+    tx.set_quiesce(Quiesce::Suspend {
+        xenstore: primary.open_xenstore().unwrap(),
+        timeout: Duration::from_secs(10),
+    });
+    tx.initial_sync(br#"{"c_info":{"type":"pvh","name":"g"}}"#, &mut |_| {})
+        .unwrap();
+    let mut hook = CountHook {
+        limit: Some(3),
+        hold: true,
+    };
+    let out = tx
+        .protect(&Triggers::new(Duration::from_millis(2)), &mut hook)
+        .unwrap();
+    assert!(out.held_paused);
+    drop(tx);
+    let i = primary.domain_info(dom).unwrap();
+    assert_eq!((i.shutdown, i.paused), (None, true));
+    assert_eq!(primary.pause_count(dom), Some(1));
+    assert_eq!(primary.resume_counts(dom), Some((4, 4)));
+    stop.store(true, Ordering::Relaxed);
+    g.join().unwrap();
+    let session = rx.join().unwrap().unwrap();
+    assert_eq!(session.acked, Some(3));
+    let replica = session.replica.unwrap();
+    assert!(pages_of(&primary, dom) == pages_of(&secondary, replica));
+    primary.unpause(dom).unwrap();
+    assert!(primary.domain_info(dom).unwrap().running);
+    std::fs::remove_dir_all(&spool).unwrap();
+}
