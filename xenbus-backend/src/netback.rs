@@ -8,9 +8,11 @@
 //! RX rings, binds the event channel and becomes `Connected`.
 //!
 //! Offered: `feature-rx-copy` (the only receive mode netfront has), one queue, one event
-//! channel, one-page rings; no scatter-gather, GSO, IPv6 checksum offload, split event
-//! channels or multi-queue (none advertised). netfront still leaves IPv4 TCP/UDP checksums to
-//! the backend (`NETTXF_csum_blank`): they are completed before the frame leaves
+//! channel, one-page rings; with a tap that carries virtio-net headers (`Tap::create(name, true)`) also `feature-sg` and `feature-gso-tcpv4`: the guest's TCP segments of up to 64 KiB
+//! go to the tap whole, with a header asking the kernel to segment them and fill in the
+//! checksums. No IPv6 checksum offload or GSO, split event channels or multi-queue (none
+//! advertised). netfront leaves IPv4 TCP/UDP checksums of other packets to the backend
+//! (`NETTXF_csum_blank`): they are completed before the frame leaves
 //! ([`crate::netif::complete_checksum`]). The frontend must write `request-rx-copy=1` and
 //! `feature-rx-notify=1` (as Linux's netback requires).
 //!
@@ -47,12 +49,13 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use crate::device::{self, DeviceError, DevicePaths};
 use crate::netif::{
-    complete_checksum, parse_tx_packet, RxRequest, RxResponse, TxChain, TxPacket, TxResponse,
-    NETIF_RSP_ERROR, NETIF_RSP_NULL, NETIF_RSP_OKAY, RX_ENTRY_SIZE, TX_ENTRY_SIZE,
+    checksum_location, complete_checksum, parse_tx_packet, RxRequest, RxResponse, TxChain,
+    TxPacket, TxResponse, NETIF_EXTRA_TYPE_GSO, NETIF_GSO_TYPE_TCPV4, NETIF_RSP_ERROR,
+    NETIF_RSP_NULL, NETIF_RSP_OKAY, RX_ENTRY_SIZE, TX_ENTRY_SIZE,
 };
 use crate::ring::{BackRing, RingError};
 use crate::state::{react, BackendState, Reaction, XenbusState};
-use crate::tap::{Tap, TapError};
+use crate::tap::{Tap, TapError, VnetHdr, VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, VNET_HDR_LEN};
 
 /// Backend type directory: `/local/domain/0/backend/kemari-vif/<domid>/<devid>`.
 pub const BACKEND_TYPE: &str = "kemari-vif";
@@ -66,7 +69,10 @@ pub const LOGGED_BAD_REQUESTS: u32 = 8;
 const RX_BUF: usize = 65536;
 
 /// Where the guest's transmitted frames go. The netback calls [`deliver`](Self::deliver)
-/// once per packet, in ring order, with the complete Ethernet frame (checksums filled in).
+/// once per packet, in ring order, with the frame as the vif's tap takes it: on a tap with
+/// `IFF_VNET_HDR` a [`crate::tap::VnetHdr`] then the Ethernet
+/// frame (a guest's GSO packet is one frame of up to 64 KiB whose header asks the kernel to
+/// segment it and fill in the checksums), otherwise the Ethernet frame alone, checksums filled in.
 /// The default sink is the vif's tap; output commit replaces it with one that holds frames
 /// until the checkpoint that produced them is acknowledged.
 pub trait TxSink: Send {
@@ -265,6 +271,8 @@ pub struct Vif<'h> {
     tap: Tap,
     /// The guest's frames go here.
     sink: Box<dyn TxSink>,
+    /// Frames carry a virtio-net header both ways: scatter-gather and TCPv4 GSO are offered.
+    vnet: bool,
     state: BackendState,
     conn: Option<Conn>,
     /// The guest has posted receive buffers we have not used (poll the tap).
@@ -317,6 +325,7 @@ impl<'h> Vif<'h> {
             evtchn,
             paths,
             config: config.clone(),
+            vnet: tap.vnet_hdr(),
             tap,
             sink,
             state: BackendState::Xenbus(XenbusState::Unknown),
@@ -332,7 +341,7 @@ impl<'h> Vif<'h> {
         };
         let mac = config.mac_string();
         let front = [("handle", config.devid.to_string()), ("mac", mac.clone())];
-        let back = [
+        let mut back = vec![
             ("handle", config.devid.to_string()),
             ("mac", mac.clone()),
             ("type", "kemari".to_owned()),
@@ -340,6 +349,11 @@ impl<'h> Vif<'h> {
             ("feature-rx-copy", "1".to_owned()),
             ("feature-rx-flip", "0".to_owned()),
         ];
+        if vif.vnet {
+            // the tap segments and checksums what the guest sends as one large frame
+            back.push(("feature-sg", "1".to_owned()));
+            back.push(("feature-gso-tcpv4", "1".to_owned()));
+        }
         device::create_nodes(vif.xs.as_ref(), &vif.paths, &front, &back)?;
         vif.state = BackendState::Xenbus(XenbusState::Initialising);
         if let Err(e) = vif
@@ -782,8 +796,9 @@ impl<'h> Vif<'h> {
         let mut at = 0;
         while at < slots.len() {
             // nothing beyond what the guest produced: a chain running past req_prod is fatal
-            let chain =
-                parse_tx_packet(&slots[at..], |_| false).map_err(|source| VifError::Chain {
+            let vnet = self.vnet;
+            let chain = parse_tx_packet(&slots[at..], |kind| vnet && kind == NETIF_EXTRA_TYPE_GSO)
+                .map_err(|source| VifError::Chain {
                     domid: self.paths.domid,
                     devid: self.paths.devid,
                     source,
@@ -802,7 +817,7 @@ impl<'h> Vif<'h> {
                 (Ok(_), None) => NETIF_RSP_ERROR,
                 (Ok(p), Some(range)) => {
                     let frame = &mut frames[range];
-                    self.deliver(frame, p.csum_blank);
+                    self.deliver(frame, p);
                     NETIF_RSP_OKAY
                 }
             };
@@ -855,8 +870,9 @@ impl<'h> Vif<'h> {
                 continue;
             };
             let start = self.frame.len();
-            self.frame.resize(start + p.size, 0);
-            let out = &mut self.frame[start..];
+            let hdr = if self.vnet { VNET_HDR_LEN } else { 0 };
+            self.frame.resize(start + hdr + p.size, 0);
+            let out = &mut self.frame[start + hdr..];
             let copied = match &batch {
                 Some(m) => copy_slots(m.as_ref(), first_page, p, out),
                 None => {
@@ -868,7 +884,7 @@ impl<'h> Vif<'h> {
             };
             first_page += p.slots.len();
             match copied {
-                Ok(true) => spans.push(Some(start..start + p.size)),
+                Ok(true) => spans.push(Some(start..start + hdr + p.size)),
                 Ok(false) => {
                     self.frame.truncate(start);
                     self.bad_request(format_args!(
@@ -887,20 +903,29 @@ impl<'h> Vif<'h> {
         spans
     }
 
-    /// Completes the checksum the guest left blank, if asked, and hands the frame to the sink
-    /// (the single place a guest's packet leaves: output commit defers it there).
-    fn deliver(&mut self, frame: &mut [u8], csum_blank: bool) {
-        if csum_blank {
-            if let Err(e) = complete_checksum(frame) {
+    /// Completes the checksum the guest left blank or describes its GSO packet in the tap's
+    /// header, and hands the frame (`buf`: room for the header, if the tap has one, then the
+    /// Ethernet frame) to the sink - the single place a guest's packet leaves: output commit
+    /// defers it there.
+    fn deliver(&mut self, buf: &mut [u8], p: &TxPacket) {
+        let hdr_len = if self.vnet { VNET_HDR_LEN } else { 0 };
+        let (hdr, frame) = buf.split_at_mut(hdr_len.min(buf.len()));
+        let vnet = match offload(frame, p) {
+            Ok(h) => h,
+            Err(e) => {
                 self.stats.tx_dropped += 1;
-                self.bad_request(format_args!("TX packet with a blank checksum dropped: {e}"));
+                self.bad_request(format_args!("TX packet of {} bytes dropped: {e}", p.size));
                 return;
             }
+        };
+        let frame_len = frame.len() as u64;
+        if self.vnet {
+            hdr.copy_from_slice(&vnet.to_bytes());
         }
-        match self.sink.deliver(frame) {
+        match self.sink.deliver(buf) {
             Ok(()) => {
                 self.stats.tx_packets += 1;
-                self.stats.tx_bytes += frame.len() as u64;
+                self.stats.tx_bytes += frame_len;
             }
             Err(e) => {
                 self.stats.tx_dropped += 1;
@@ -931,8 +956,8 @@ impl<'h> Vif<'h> {
         let mut frames = std::mem::take(&mut self.frame);
         frames.clear();
         while lens.len() < avail {
-            let len = match self.tap.recv(&mut self.rx_buf) {
-                Ok(Some(n)) => n,
+            let got = match self.tap.recv(&mut self.rx_buf) {
+                Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(source) => {
                     self.frame = frames;
@@ -944,11 +969,12 @@ impl<'h> Vif<'h> {
                     });
                 }
             };
+            let len = got.len;
             if len > PAGE_SIZE || len == 0 {
                 self.stats.rx_dropped += 1;
                 continue;
             }
-            frames.extend_from_slice(&self.rx_buf[..len]);
+            frames.extend_from_slice(&self.rx_buf[got.offset..got.offset + len]);
             lens.push(len);
         }
         let mut reqs = Vec::with_capacity(lens.len());
@@ -1022,6 +1048,40 @@ impl<'h> Vif<'h> {
         }
         statuses
     }
+}
+
+/// The tap header for a guest packet in `frame`: for a GSO packet (TCPv4 extra info) the
+/// segmentation and checksum request; otherwise none, after completing a checksum the guest
+/// left blank.
+fn offload(frame: &mut [u8], p: &TxPacket) -> Result<VnetHdr, String> {
+    let Some(gso) = p.extras.iter().find(|e| e.kind == NETIF_EXTRA_TYPE_GSO) else {
+        if p.csum_blank {
+            complete_checksum(frame).map_err(|e| e.to_string())?;
+        }
+        return Ok(VnetHdr::default());
+    };
+    let size = u16::from_le_bytes([gso.body[0], gso.body[1]]);
+    let kind = gso.body[2];
+    if kind != NETIF_GSO_TYPE_TCPV4 || size == 0 {
+        return Err(format!(
+            "GSO type {kind} size {size} (TCPv4 with a size only)"
+        ));
+    }
+    let (start, field) = checksum_location(frame).map_err(|e| e.to_string())?;
+    let doff = frame.get(start + 12).copied().unwrap_or(0) >> 4;
+    let headers = start + usize::from(doff) * 4;
+    if field != 16 || doff < 5 || headers > frame.len() {
+        return Err("GSO packet without a whole TCP header".into());
+    }
+    let n16 = |v: usize| u16::try_from(v).map_err(|_| format!("header offset {v}"));
+    Ok(VnetHdr {
+        flags: VNET_F_NEEDS_CSUM,
+        gso_type: VNET_GSO_TCPV4,
+        hdr_len: n16(headers)?,
+        gso_size: size,
+        csum_start: n16(start)?,
+        csum_offset: 16,
+    })
 }
 
 /// Copies packet `p`'s slots out of `m`, whose pages from `first_page` on are the slots'

@@ -51,6 +51,10 @@ pub const NETIF_EXTRA_TYPE_MCAST_DEL: u8 = 3;
 pub const NETIF_EXTRA_TYPE_HASH: u8 = 4;
 /// `XEN_NETIF_EXTRA_TYPE_MAX`: types are `1..MAX`.
 pub const NETIF_EXTRA_TYPE_MAX: u8 = 5;
+/// `XEN_NETIF_GSO_TYPE_TCPV4` (the GSO extra's type).
+pub const NETIF_GSO_TYPE_TCPV4: u8 = 1;
+/// `XEN_NETIF_GSO_TYPE_TCPV6`.
+pub const NETIF_GSO_TYPE_TCPV6: u8 = 2;
 /// `XEN_NETIF_EXTRA_FLAG_MORE`.
 pub const NETIF_EXTRA_FLAG_MORE: u8 = 1 << 0;
 

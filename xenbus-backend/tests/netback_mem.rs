@@ -223,9 +223,14 @@ fn vif<'a>(s: &'a Setup, devid: u32) -> (Vif<'a>, UnixDatagram) {
 }
 
 fn vif_of(s: &Setup, domid: DomId, devid: u32) -> (Vif<'_>, UnixDatagram) {
+    vif_tap(s, domid, devid, false)
+}
+
+/// `vnet`: the "tap" carries virtio-net headers (as a real one from `Tap::create`).
+fn vif_tap(s: &Setup, domid: DomId, devid: u32, vnet: bool) -> (Vif<'_>, UnixDatagram) {
     let (a, b) = UnixDatagram::pair().unwrap();
     b.set_nonblocking(true).unwrap();
-    let tap = Tap::from_fd(OwnedFd::from(a), "test-tap").unwrap();
+    let tap = Tap::from_fd(OwnedFd::from(a), "test-tap", vnet).unwrap();
     let v = Vif::create(
         &s.host,
         s.host.open_xenstore().unwrap(),
@@ -314,7 +319,7 @@ fn nodes_follow_the_xl_layout_and_the_handshake_connects() {
         s.host.open_xenstore().unwrap(),
         s.host.open_event_channels().unwrap(),
         &VifConfig::new(s.domid, 0),
-        Tap::from_fd(OwnedFd::from(a), "t").unwrap(),
+        Tap::from_fd(OwnedFd::from(a), "t", false).unwrap(),
     )
     .unwrap_err();
     assert!(e.to_string().contains("already has device"), "{e}");
@@ -633,6 +638,106 @@ fn frontend_close_and_guest_destruction() {
     v.shutdown().unwrap();
     let xs = s.host.open_xenstore().unwrap();
     assert!(xs.read(Tx::NONE, &paths.backend).is_err());
+}
+
+#[test]
+fn with_vnet_headers_gso_packets_go_to_the_tap_whole_for_the_kernel_to_segment() {
+    use xenbus_backend::tap::{VnetHdr, VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, VNET_HDR_LEN};
+    let s = setup();
+    let (mut v, peer) = vif_tap(&s, s.domid, 0, true);
+    let mut f = Front::connect(&s.host, s.domid, 0);
+    assert_eq!(poll(&mut v), CONNECTED);
+    assert_eq!(f.back_node("feature-sg"), "1");
+    assert_eq!(f.back_node("feature-gso-tcpv4"), "1");
+    // a 6,000-byte TCP segment over two pages and a bit, GSO extra (size 1448, TCPv4)
+    let (pkt, tcp) = tcp_partial(&frame(6000 - 54, 5));
+    assert_eq!(pkt.len(), 6000);
+    f.g.write(DATA_PFN, 0, &pkt[..4096]).unwrap();
+    f.g.write(DATA_PFN + 1, 0, &pkt[4096..]).unwrap();
+    let g0 = f.grant(DATA_PFN, true);
+    let g1 = f.grant(DATA_PFN + 1, true);
+    f.tx_push(&tx(
+        g0,
+        0,
+        NETTXF_CSUM_BLANK | NETTXF_EXTRA_INFO | NETTXF_MORE_DATA,
+        1,
+        6000,
+    ));
+    let mut gso = [0u8; TX_ENTRY_SIZE];
+    gso[0] = NETIF_EXTRA_TYPE_GSO;
+    gso[2..4].copy_from_slice(&1448u16.to_le_bytes());
+    gso[4] = NETIF_GSO_TYPE_TCPV4;
+    f.tx_push(&gso);
+    f.tx_push(&tx(g1, 0, 0, 2, 6000 - 4096));
+    // a plain packet with a blank checksum: completed here, empty header
+    let (small, stcp) = tcp_partial(b"hi");
+    f.g.write(DATA_PFN + 2, 0, &small).unwrap();
+    let g2 = f.grant(DATA_PFN + 2, true);
+    f.tx_push(&tx(g2, 0, NETTXF_CSUM_BLANK, 3, small.len() as u16));
+    // GSO of a type that is not TCPv4: dropped (answered OKAY, as the chain was well formed)
+    f.tx_push(&tx(
+        g2,
+        0,
+        NETTXF_CSUM_BLANK | NETTXF_EXTRA_INFO,
+        4,
+        small.len() as u16,
+    ));
+    let mut bad = gso;
+    bad[4] = 9;
+    f.tx_push(&bad);
+    f.kick_tx();
+    assert_eq!(poll(&mut v), CONNECTED);
+    let got: Vec<_> = f
+        .tx_responses()
+        .iter()
+        .map(|r| (r.id.get(), r.status.get()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (1, 0),
+            (1, NETIF_RSP_NULL),
+            (2, 0),
+            (3, 0),
+            (4, 0),
+            (4, NETIF_RSP_NULL)
+        ]
+    );
+    let out = recv_all(&peer);
+    assert_eq!(out.len(), 2);
+    let hdr = VnetHdr::from_bytes(out[0][..VNET_HDR_LEN].try_into().unwrap());
+    assert_eq!(
+        hdr,
+        VnetHdr {
+            flags: VNET_F_NEEDS_CSUM,
+            gso_type: VNET_GSO_TCPV4,
+            hdr_len: (tcp + 20) as u16,
+            gso_size: 1448,
+            csum_start: tcp as u16,
+            csum_offset: 16,
+        }
+    );
+    assert_eq!(
+        &out[0][VNET_HDR_LEN..],
+        &pkt[..],
+        "left for the kernel as it came"
+    );
+    assert_eq!(out[1][..VNET_HDR_LEN], [0u8; VNET_HDR_LEN]);
+    assert!(tcp_checksum_ok(&out[1][VNET_HDR_LEN..], stcp));
+    assert_eq!(v.stats().tx_dropped, 1);
+    // frames from the tap lose their header on the way to the guest
+    let g3 = f.grant(DATA_PFN + 3, false);
+    f.rx_post(7, g3);
+    f.kick_rx();
+    let mut msg = VnetHdr::default().to_bytes().to_vec();
+    msg.extend_from_slice(&frame(90, 6));
+    peer.send(&msg).unwrap();
+    v.poll(Some(Duration::from_millis(500))).unwrap();
+    let rsp = f.rx_responses();
+    assert_eq!((rsp[0].id.get(), rsp[0].status.get()), (7, 90));
+    let mut b = vec![0u8; 90];
+    f.g.read(DATA_PFN + 3, 0, &mut b).unwrap();
+    assert_eq!(b, frame(90, 6));
 }
 
 /// A sink that keeps frames (as output commit will, until a checkpoint is acknowledged).

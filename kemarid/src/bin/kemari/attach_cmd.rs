@@ -34,7 +34,8 @@ pub struct AttachArgs {
     pub disk: Option<PathBuf>,
     /// Serve a NIC with Kemari's netback, its frames through a tap device in dom0. Optional
     /// comma-separated settings: mac=00:16:3e:xx:xx:xx, bridge=BRIDGE (add the tap to it),
-    /// devid=N (the vif's handle, default 0), ifname=NAME (tap name, default kvif<domid>.<devid>).
+    /// devid=N (the vif's handle, default 0), ifname=NAME (tap name, default kvif<domid>.<devid>),
+    /// gso=0 (no scatter-gather/TCPv4 segmentation offload: the guest sends MTU-sized frames).
     #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "SETTINGS")]
     pub vif: Option<String>,
     /// Virtual device name of the disk in the guest: xvda..xvdp.
@@ -54,12 +55,26 @@ pub struct AttachArgs {
 }
 
 /// `--vif` settings.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct VifSpec {
     mac: Option<[u8; 6]>,
     bridge: Option<String>,
     devid: u32,
     ifname: Option<String>,
+    /// Offer scatter-gather and TCPv4 GSO (the tap segments).
+    gso: bool,
+}
+
+impl Default for VifSpec {
+    fn default() -> Self {
+        VifSpec {
+            mac: None,
+            bridge: None,
+            devid: 0,
+            ifname: None,
+            gso: true,
+        }
+    }
 }
 
 fn parse_vif_spec(spec: &str) -> anyhow::Result<VifSpec> {
@@ -82,7 +97,16 @@ fn parse_vif_spec(spec: &str) -> anyhow::Result<VifSpec> {
                     .with_context(|| format!("--vif devid={val:?}: expected a number"))?
             }
             "ifname" => v.ifname = Some(val.trim().to_owned()),
-            other => anyhow::bail!("--vif: unknown setting {other:?} (mac, bridge, devid, ifname)"),
+            "gso" => {
+                v.gso = match val.trim() {
+                    "1" | "on" => true,
+                    "0" | "off" => false,
+                    other => anyhow::bail!("--vif gso={other:?}: expected 0/1/on/off"),
+                }
+            }
+            other => {
+                anyhow::bail!("--vif: unknown setting {other:?} (mac, bridge, devid, ifname, gso)")
+            }
         }
     }
     Ok(v)
@@ -131,7 +155,7 @@ fn create_vif<'h>(
         config.mac = mac;
     }
     let ifname = spec.ifname.clone().unwrap_or_else(|| config.tap_name());
-    let tap = Tap::create(&ifname).context("creating the tap")?;
+    let tap = Tap::create(&ifname, spec.gso).context("creating the tap")?;
     tap.link_up(spec.bridge.as_deref())
         .context("bringing the tap up")?;
     let xs = hv.open_xenstore().context("opening xenstore")?;
@@ -188,7 +212,7 @@ pub fn run(hv: &dyn Hypervisor, args: AttachArgs, json: bool) -> anyhow::Result<
             let mut out = std::io::stdout().lock();
             writeln!(
                 out,
-                "kemari attach: domain {domid} vif {} (mac {}) on tap {}{} at {}, state {}",
+                "kemari attach: domain {domid} vif {} (mac {}) on tap {}{}{} at {}, state {}",
                 vif.config().devid,
                 vif.config().mac_string(),
                 vif.tap_name(),
@@ -196,6 +220,7 @@ pub fn run(hv: &dyn Hypervisor, args: AttachArgs, json: bool) -> anyhow::Result<
                     .as_deref()
                     .map(|b| format!(" in bridge {b}"))
                     .unwrap_or_default(),
+                if spec.gso { ", GSO" } else { "" },
                 vif.paths().backend,
                 vif.state()
             )?;
@@ -363,7 +388,15 @@ mod tests {
         assert_eq!(v.mac, Some([0, 0x16, 0x3e, 1, 2, 3]));
         assert_eq!(v.bridge.as_deref(), Some("xenbr0"));
         assert_eq!((v.devid, v.ifname.as_deref()), (2, Some("t0")));
-        for bad in ["mac=01:00:5e:00:00:01", "devid=x", "color=red", "bridge"] {
+        assert!(v.gso);
+        assert!(!parse_vif_spec("gso=off").unwrap().gso);
+        for bad in [
+            "mac=01:00:5e:00:00:01",
+            "devid=x",
+            "color=red",
+            "bridge",
+            "gso=2",
+        ] {
             assert!(parse_vif_spec(bad).is_err(), "{bad}");
         }
     }
