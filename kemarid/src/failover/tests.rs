@@ -309,3 +309,40 @@ fn held_suspend_checkpoint_leaves_the_guest_paused_not_suspended() {
     assert!(primary.domain_info(dom).unwrap().running);
     std::fs::remove_dir_all(&spool).unwrap();
 }
+
+/// A guest that takes the suspend request but suspends only after the timeout: protection ends
+/// with an error, and the late suspend is resumed (fast) instead of leaving the guest stopped.
+#[test]
+fn a_late_suspend_is_resumed() {
+    let primary = MemXen::new();
+    let dom = primary.create_domain(DomainConfig::pvh(16)).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let slow = {
+        let x = primary.clone();
+        std::thread::spawn(move || {
+            let xs = x.open_xenstore().unwrap();
+            let node = format!("/local/domain/{dom}/control/shutdown");
+            while xs.read(Tx::NONE, &node).ok().as_deref() != Some(&b"suspend"[..]) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            xs.write(Tx::NONE, &node, b"").unwrap();
+            std::thread::sleep(Duration::from_millis(250));
+            x.guest(dom).shutdown(ShutdownReason::Suspend).unwrap();
+        })
+    };
+    let mut tx = Sender::new(&primary, dom, stream, SenderOptions::default(), None).unwrap();
+    tx.set_quiesce(Quiesce::Suspend {
+        xenstore: primary.open_xenstore().unwrap(),
+        timeout: Duration::from_millis(150),
+    });
+    let err = tx
+        .initial_sync(br#"{"c_info":{"type":"pvh","name":"g"}}"#, &mut |_| {})
+        .unwrap_err();
+    assert!(err.to_string().contains("acknowledged"), "{err}");
+    slow.join().unwrap();
+    drop(tx);
+    let i = primary.domain_info(dom).unwrap();
+    assert!(i.running && i.shutdown.is_none(), "{i:?}");
+    assert_eq!(primary.resume_counts(dom), Some((1, 1)));
+}

@@ -456,6 +456,31 @@ impl<'a> Sender<'a> {
         self.quiesce = quiesce;
     }
 
+    /// After a failed suspend request the guest had already taken: it may still suspend, and
+    /// nobody would resume it. Wait up to twice `timeout` for that, and resume it (fast) if it
+    /// does. (A guest later still stays suspended: `xl` can resume it by hand; logged.)
+    fn resume_late_suspend(&self, timeout: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < timeout.saturating_mul(2) {
+            match self.hv.domain_info(self.domid) {
+                Ok(i) if i.shutdown == Some(hypervisor::ShutdownReason::Suspend) => {
+                    if let Err(e) = self.hv.resume(self.domid, true) {
+                        log::error!("domain {}: resuming a late suspend: {e}", self.domid);
+                    }
+                    return;
+                }
+                Ok(i) if i.shutdown.is_none() && !i.dying => {}
+                Ok(_) | Err(_) => return,
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        log::error!(
+            "domain {}: the guest took the suspend request but has not suspended after {:?}; if it does later it stays suspended",
+            self.domid,
+            start.elapsed()
+        );
+    }
+
     /// Stops the guest for checkpoint `seq` the configured way.
     fn stop_guest(&self, seq: u64) -> Result<Stopped<'a>, SendError> {
         let hv = self.hv;
@@ -465,8 +490,20 @@ impl<'a> Sender<'a> {
                 suspended: None,
             }),
             Quiesce::Suspend { xenstore, timeout } => {
-                crate::xlsave::suspend_guest(hv, xenstore.as_ref(), self.domid, *timeout)
-                    .map_err(|source| SendError::Suspend { seq, source })?;
+                if let Err(source) =
+                    crate::xlsave::suspend_guest(hv, xenstore.as_ref(), self.domid, *timeout)
+                {
+                    if !matches!(
+                        source,
+                        crate::xlsave::SaveError::SuspendTimeout {
+                            cancelled: "withdrawn",
+                            ..
+                        }
+                    ) {
+                        self.resume_late_suspend(*timeout);
+                    }
+                    return Err(SendError::Suspend { seq, source });
+                }
                 Ok(Stopped {
                     pause: None,
                     suspended: Some((hv, self.domid)),
