@@ -280,6 +280,38 @@ pub fn read_staged(path: &Path) -> Result<Staged, ReceiveError> {
     })
 }
 
+/// The decoded entries of one checkpoint's disk write log.
+pub type DiskLog = Vec<DiskLogEntry<Vec<u8>>>;
+
+/// Reads a disk write log file the receiver wrote (`DIR/disklog.kemari`, or
+/// `disklog.kemari.tmp` left by a receiver that died while applying that checkpoint): its
+/// checkpoint's sequence number and entries, checksum-checked and decoded whole.
+pub fn read_disk_log(path: &Path) -> Result<(u64, DiskLog), ReceiveError> {
+    let f = File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
+    let mut r = BufReader::new(f);
+    let mut seq = [0u8; 8];
+    r.read_exact(&mut seq)
+        .map_err(io_err(format!("reading {}", path.display())))?;
+    let seq = u64::from_le_bytes(seq);
+    let bad = |detail: String| ReceiveError::Staged {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let cp = CheckpointReader::new(Limits::default())
+        .read(&mut r, seq)
+        .map_err(|e| bad(e.to_string()))?;
+    // the entries' numbering goes on over the connection: start at the first entry's own
+    let first = cp
+        .extra
+        .iter()
+        .find(|(k, _)| *k == disklog::EXTRA_DISK_LOG)
+        .and_then(|(_, b)| b.get(8..16))
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(1, u64::from_le_bytes);
+    let entries = disklog::decode(&cp.extra, first).map_err(|e| bad(e.to_string()))?;
+    Ok((seq, entries))
+}
+
 /// The secondary's end of protection connections.
 pub struct Receiver<'a> {
     hv: &'a dyn Hypervisor,

@@ -1144,8 +1144,17 @@ fn disk_writes_reach_the_secondary_with_their_checkpoint_and_are_released_after_
         std::fs::read(&pdisk).unwrap() == std::fs::read(&sdisk).unwrap(),
         "the secondary's disk differs from the primary's at the last ACK"
     );
-    // the last applied log is kept, checksummed
-    assert!(sec.spool.join(super::receiver::DISK_LOG_FILE).exists());
+    // the last applied log is kept, checksummed; replaying it (idempotent) changes nothing
+    let (seq, entries) =
+        super::receiver::read_disk_log(&sec.spool.join(super::receiver::DISK_LOG_FILE)).unwrap();
+    assert_eq!(seq, 25);
+    let copy = [ReplicaDisk {
+        devid: XVDA,
+        path: sdisk.clone(),
+    }];
+    let replay = super::disk_apply::DiskApply::prepare(&copy, &entries).unwrap();
+    replay.write(&entries).unwrap();
+    assert!(std::fs::read(&pdisk).unwrap() == std::fs::read(&sdisk).unwrap());
     gate.end();
     let _ = std::fs::remove_dir_all(&sec.spool);
 }

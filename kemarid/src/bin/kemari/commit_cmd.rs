@@ -331,3 +331,69 @@ impl DiskService {
         Ok(())
     }
 }
+
+/// `kemari debug disk-log FILE [--replay COPY] [--vdev xvda]`.
+pub fn disk_log(
+    file: &std::path::Path,
+    replay: Option<PathBuf>,
+    vdev: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    use kemari_stream::disklog::DiskOp;
+    let (seq, entries) = kemarid::sync::receiver::read_disk_log(file)?;
+    let bytes: u64 = entries.iter().map(|e| e.len_bytes()).sum();
+    if json {
+        let list: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "seq": e.seq,
+                    "devid": e.devid,
+                    "sector": e.sector,
+                    "op": match e.op { DiskOp::Write(_) => "write", DiskOp::Discard { .. } => "discard" },
+                    "bytes": e.len_bytes(),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"checkpoint": seq, "bytes": bytes, "entries": list})
+        );
+    } else {
+        println!(
+            "{}: checkpoint {seq}, {} entries, {bytes} bytes",
+            file.display(),
+            entries.len()
+        );
+        for e in &entries {
+            let op = match e.op {
+                DiskOp::Write(_) => "write",
+                DiskOp::Discard { .. } => "discard",
+            };
+            println!(
+                "  {} dev {} {op} sector {} bytes {}",
+                e.seq,
+                e.devid,
+                e.sector,
+                e.len_bytes()
+            );
+        }
+    }
+    if let Some(path) = replay {
+        let disks = [ReplicaDisk {
+            devid: vdev_to_devid(vdev)?,
+            path: path.clone(),
+        }];
+        let apply = kemarid::sync::disk_apply::DiskApply::prepare(&disks, &entries)
+            .with_context(|| format!("replaying {} onto {}", file.display(), path.display()))?;
+        apply
+            .write(&entries)
+            .with_context(|| format!("replaying {} onto {}", file.display(), path.display()))?;
+        eprintln!(
+            "replayed {} entries of checkpoint {seq} onto {}",
+            entries.len(),
+            path.display()
+        );
+    }
+    Ok(())
+}

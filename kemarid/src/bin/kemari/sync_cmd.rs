@@ -183,6 +183,20 @@ pub enum SyncDebug {
         /// The staged state file.
         file: PathBuf,
     },
+    /// List the disk write log a `kemari receive --disk` kept (DIR/disklog.kemari: the last
+    /// applied checkpoint's writes) or was applying when it died (DIR/disklog.kemari.tmp); with
+    /// --replay, write its entries to the copy (idempotent: brings a copy left between two
+    /// checkpoints by a receiver that died while applying to that checkpoint).
+    DiskLog {
+        /// The log file.
+        file: PathBuf,
+        /// The secondary's copy of the disk to write the entries to.
+        #[arg(long)]
+        replay: Option<PathBuf>,
+        /// Virtual device the copy stands for.
+        #[arg(long, default_value = "xvda")]
+        vdev: String,
+    },
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
@@ -545,6 +559,7 @@ fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
                 "error": error.as_ref().map(|e| format!("{e:#}")),
                 "staged": rx.staged_path(),
                 "disk_entries": session.disk_entries,
+                "skipped_pages": session.skipped_pages,
                 "disk_bytes": session.disk_bytes,
                 "failover": failover,
             }))?;
@@ -686,6 +701,9 @@ pub fn run_debug(hv: &dyn Hypervisor, cmd: SyncDebug, json: bool) -> anyhow::Res
             let domid = kemarid::debug::resolve_domain(hv, &domain)?;
             let ctx = hv.hvm_context(domid)?;
             print_cpus(&format!("domain {domid}"), &ctx, None, None, json)?;
+        }
+        SyncDebug::DiskLog { file, replay, vdev } => {
+            crate::commit_cmd::disk_log(&file, replay, &vdev, json)?;
         }
         SyncDebug::StagedContext { file } => {
             let staged = read_staged(&file)?;
