@@ -177,6 +177,7 @@ pub struct DiskService {
     vdev: String,
     domid: DomId,
     started: Instant,
+    usr1: Arc<AtomicBool>,
 }
 
 impl DiskService {
@@ -186,6 +187,7 @@ impl DiskService {
         domid: DomId,
         args: &CommitArgs,
         triggers: &Triggers,
+        usr1: &Arc<AtomicBool>,
     ) -> anyhow::Result<Option<DiskService>> {
         let Some(image) = args.disk.clone() else {
             return Ok(None);
@@ -272,21 +274,25 @@ impl DiskService {
             vdev: args.vdev.clone(),
             domid,
             started: Instant::now(),
+            usr1: usr1.clone(),
         }))
     }
 
     /// After protection: with the guest held paused, serve what the last ACK released and
     /// stop (requests of the next epoch are dropped unanswered: the guest is kept at the ACKed
     /// state). Otherwise the guest runs on UNPROTECTED: held output is released and the disk
-    /// is served until the guest is gone or SIGINT/SIGTERM (`triggers.stop`).
+    /// is served until the guest is gone or SIGINT/SIGTERM (`triggers.stop`) or SIGUSR1.
     pub fn finish(self, held: bool, triggers: &Triggers, json: bool) -> anyhow::Result<()> {
         if !held {
             self.gate.end();
             eprintln!(
-                "kemari replicate: protection over: domain {} runs unprotected, its disk is served until it is gone or SIGTERM",
+                "kemari replicate: protection over: domain {} runs unprotected, its disk is served until it is gone or SIGTERM/SIGUSR1",
                 self.domid
             );
-            while !triggers.stopped() && !self.handle.is_finished() {
+            while !triggers.stopped()
+                && !self.usr1.load(Ordering::SeqCst)
+                && !self.handle.is_finished()
+            {
                 std::thread::sleep(Duration::from_millis(200));
             }
         }

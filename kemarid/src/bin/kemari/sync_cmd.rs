@@ -267,7 +267,7 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
         None => None,
         Some(port) => Some(start_pinger(&a.target, port, a.heartbeat, &stream)?),
     };
-    let disk = crate::commit_cmd::DiskService::start(domid, &a.commit, &triggers)?;
+    let disk = crate::commit_cmd::DiskService::start(domid, &a.commit, &triggers, &usr1)?;
     crate::commit_cmd::hold_on_usr1(usr1.clone(), triggers.clone())?;
     let end_disk = |disk: Option<crate::commit_cmd::DiskService>| {
         if let Some(d) = disk {
