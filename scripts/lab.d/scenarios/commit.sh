@@ -155,6 +155,10 @@ echo "primary $p, secondary $s"
 [ "$p" = "$s" ] || lab_fail "disk images differ: primary $p, secondary $s"
 lab_run host2 "lab-diskcheck $COPY" 300 | tee "$LAB_RUN/commit-diskcheck.txt"
 grep -q "records=$COMMIT_RECORDS " "$LAB_RUN/commit-diskcheck.txt" || lab_fail "the secondary's copy does not hold the $COMMIT_RECORDS records"
+# the receiver keeps the last applied checkpoint's log, checksummed (kemari debug disk-log reads it)
+last=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["last_seq"])' "$rjson")
+lab_run host2 "kemari debug disk-log /var/lib/kemari/spool-commit/disklog.kemari | head -3" | tee "$LAB_RUN/commit-disklog.txt"
+grep -q "checkpoint $last," "$LAB_RUN/commit-disklog.txt" || lab_fail "the kept disk log is not checkpoint $last's"
 lab_run host1 "xl destroy commit-pvh"
 
 # mb/s and records/s from a "kemari-disk done" line
