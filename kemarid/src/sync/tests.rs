@@ -1327,3 +1327,37 @@ fn pages_at_pfns_the_replica_lacks_are_left_out() {
     assert!(g.read_page(HOLES[0]).is_err());
     let _ = std::fs::remove_dir_all(&sec.spool);
 }
+
+/// A hook that cannot provide its checkpoint's extra records (e.g. a disk log over the limits)
+/// ends protection with the guest running and log-dirty off; the replica stays at the last ACK.
+#[test]
+fn failing_extra_records_end_protection_with_the_guest_running() {
+    struct FailAt(u64);
+    impl CheckpointHook for FailAt {
+        fn acked(&mut self, _info: &AckInfo) -> AfterAck {
+            AfterAck::Continue
+        }
+        fn extra(&mut self, seq: u64) -> Result<Vec<(u32, Vec<u8>)>, DeviceError> {
+            if seq == self.0 {
+                Err("disk log too large".into())
+            } else {
+                Ok(Vec::new())
+            }
+        }
+    }
+    let p = primary(true, 1);
+    let sec = secondary("pvh-extra", Limits::default());
+    let stream = TcpStream::connect(sec.addr).unwrap();
+    let mut tx = Sender::new(&p.xen, p.dom, stream, opts(), None).unwrap();
+    tx.initial_sync(&config(true), &mut |_| {}).unwrap();
+    let err = tx
+        .protect(&Triggers::new(Duration::from_millis(1)), &mut FailAt(3))
+        .unwrap_err();
+    assert!(matches!(err, SendError::Extra { seq: 3, .. }), "{err}");
+    assert_eq!(p.xen.pause_count(p.dom), Some(0));
+    assert_eq!(p.xen.log_dirty_enabled(p.dom), Some(false));
+    drop(tx);
+    let session = sec.handle.join().unwrap().unwrap();
+    assert_eq!(session.acked, Some(2));
+    let _ = std::fs::remove_dir_all(&sec.spool);
+}
