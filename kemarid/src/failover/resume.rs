@@ -268,6 +268,17 @@ pub fn resume_in_place(
     replica: DomId,
     staged: &Staged,
 ) -> Result<FailoverReport, FailoverError> {
+    resume_in_place_paused(hv, replica, staged, false)
+}
+
+/// [`resume_in_place`]; with `keep_paused` the replica is left paused (its devices are then
+/// brought up and it is unpaused by the caller, see [`super::disk`]).
+pub fn resume_in_place_paused(
+    hv: &dyn Hypervisor,
+    replica: DomId,
+    staged: &Staged,
+    keep_paused: bool,
+) -> Result<FailoverReport, FailoverError> {
     let t0 = Instant::now();
     let xen = |step, source| FailoverError::Xen {
         domid: replica,
@@ -276,8 +287,10 @@ pub fn resume_in_place(
     };
     hv.set_hvm_context(replica, &staged.hvm_context)
         .map_err(|e| xen("loading the staged HVM context", e))?;
-    // The replica was built paused (`xl restore -p`): one toolstack pause reference.
-    hv.unpause(replica).map_err(|e| xen("unpausing", e))?;
+    if !keep_paused {
+        // The replica was built paused (`xl restore -p`): one toolstack pause reference.
+        hv.unpause(replica).map_err(|e| xen("unpausing", e))?;
+    }
     Ok(FailoverReport {
         seq: staged.seq,
         domid: replica,
@@ -304,6 +317,32 @@ pub fn resume_by_restore(
     initial_image: &Path,
     spool_dir: &Path,
     name: &str,
+) -> Result<FailoverReport, FailoverError> {
+    resume_by_restore_paused(
+        hv,
+        xl,
+        replica,
+        staged,
+        initial_image,
+        spool_dir,
+        name,
+        false,
+    )
+}
+
+/// [`resume_by_restore`]; with `keep_paused` the image is restored paused (`xl restore -p`):
+/// devices the configuration does not name (a disk Kemari's blkback served) are created by the
+/// caller before it unpauses the guest ([`super::disk::serve_and_unpause`]).
+#[allow(clippy::too_many_arguments)]
+pub fn resume_by_restore_paused(
+    hv: &dyn Hypervisor,
+    xl: &XlTool,
+    replica: DomId,
+    staged: &Staged,
+    initial_image: &Path,
+    spool_dir: &Path,
+    name: &str,
+    keep_paused: bool,
 ) -> Result<FailoverReport, FailoverError> {
     let t0 = Instant::now();
     let config = image_config(initial_image, name)?;
@@ -352,7 +391,7 @@ pub fn resume_by_restore(
     })?;
     let destroy_ms = ms(t1.elapsed());
     let t2 = Instant::now();
-    let restored = xl.restore(&path, name, false);
+    let restored = xl.restore(&path, name, keep_paused);
     if let Err(e) = std::fs::remove_file(&path) {
         log::warn!("cannot remove {}: {e}", path.display());
     }

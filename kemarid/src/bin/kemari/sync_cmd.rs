@@ -454,6 +454,13 @@ fn this_host() -> String {
 }
 
 fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
+    // With --failover --disk this process serves the guest's disk after a failover, until the
+    // guest is gone or SIGINT/SIGTERM: blocked here, before any thread starts. Before the
+    // failover a signal ends the process as it would without the handler.
+    let disk_stop = match (a.failover, a.disk.disk.is_some()) {
+        (true, true) => Some(failover_signals()?),
+        _ => None,
+    };
     let host = Arc::new(open_host()?);
     let control: Arc<dyn DomainControl> = host.clone();
     let builder = XlReplicaBuilder::new(XlTool::default(), Some(control));
@@ -561,7 +568,7 @@ fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
                 "disk_entries": session.disk_entries,
                 "skipped_pages": session.skipped_pages,
                 "disk_bytes": session.disk_bytes,
-                "failover": failover,
+                "failover": failover.as_ref().map(|(v, _)| v),
             }))?;
         } else {
             println!(
@@ -575,8 +582,11 @@ fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
                 error.as_ref().map_or(String::new(), |e| format!(" error: {e}"))
             );
         }
-        if failover.is_some() {
+        if let Some((_, vbd)) = failover {
             // This host now runs the guest, unprotected.
+            if let (Some(vbd), Some(stop)) = (vbd, &disk_stop) {
+                serve_failover_disk(vbd, stop, &a.disk.vdev, json)?;
+            }
             return Ok(ExitCode::SUCCESS);
         }
         if a.once {
@@ -589,14 +599,96 @@ fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The failover itself: the guest runs on this host from the last ACKed checkpoint.
-fn fail_over(
+/// `--failover --disk`: SIGINT/SIGTERM blocked in this thread (and the threads it starts); a
+/// watcher sets the returned flag once the disk is served after a failover, and ends the process
+/// (status 143) before that.
+fn failover_signals(
+) -> anyhow::Result<Arc<(std::sync::atomic::AtomicBool, std::sync::atomic::AtomicBool)>> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block()
+        .context("blocking SIGINT/SIGTERM for the failover disk")?;
+    // (serving the disk, stop asked)
+    let flags = Arc::new((AtomicBool::new(false), AtomicBool::new(false)));
+    let f = flags.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = set.wait() {
+                if f.0.load(Ordering::SeqCst) {
+                    eprintln!("kemari receive: {sig} received, closing the guest's disk");
+                    f.1.store(true, Ordering::SeqCst);
+                } else {
+                    eprintln!("kemari receive: {sig} received");
+                    std::process::exit(143);
+                }
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(flags)
+}
+
+/// After a failover with `--disk`: serves the guest's disk until the guest is gone or
+/// SIGINT/SIGTERM, then prints the disk's counters (with --json a second JSON line).
+fn serve_failover_disk(
+    mut vbd: xenbus_backend::Vbd<'_>,
+    flags: &Arc<(std::sync::atomic::AtomicBool, std::sync::atomic::AtomicBool)>,
+    vdev: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+    flags.0.store(true, Ordering::SeqCst);
+    let domid = vbd.paths().domid;
+    eprintln!(
+        "kemari receive: serving domain {domid}'s {vdev} at {} until the guest is gone or SIGTERM",
+        vbd.paths().backend
+    );
+    let start = Instant::now();
+    let status = vbd
+        .run(&flags.1)
+        .context("serving the disk after the failover")?;
+    let s = vbd.stats().clone();
+    let secs = start.elapsed().as_secs_f64();
+    if json {
+        print_json(&serde_json::json!({
+            "disk": {
+                "device": vdev,
+                "domid": domid,
+                "status": format!("{status:?}"),
+                "seconds": secs,
+                "requests": s.requests,
+                "read_bytes": s.read_bytes,
+                "write_bytes": s.write_bytes,
+                "flushes": s.flushes,
+                "discards": s.discards,
+                "errors": s.errors,
+            }
+        }))?;
+    } else {
+        println!(
+            "kemari receive: disk {vdev} of domain {domid}: {status:?}; {} requests answered in {secs:.1} s, {} MiB read, {} MiB written, {} flushes, {} errors",
+            s.requests,
+            s.read_bytes >> 20,
+            s.write_bytes >> 20,
+            s.flushes,
+            s.errors
+        );
+    }
+    Ok(())
+}
+
+/// The failover itself: the guest runs on this host from the last ACKed checkpoint. With
+/// `--disk` the guest is restored paused, its disk is created on the copy and served by the
+/// returned device (the caller runs it), then it is unpaused.
+fn fail_over<'h>(
     a: &ReceiveArgs,
-    hv: &dyn Hypervisor,
+    hv: &'h dyn Hypervisor,
     rx: &Receiver<'_>,
     replica: hypervisor::DomId,
     hb: &Heartbeat,
-) -> anyhow::Result<serde_json::Value> {
+) -> anyhow::Result<(serde_json::Value, Option<xenbus_backend::Vbd<'h>>)> {
     use kemarid::failover::resume;
     let t0 = Instant::now();
     let silent_at_start = hb.silent_for().unwrap_or_default();
@@ -607,8 +699,10 @@ fn fail_over(
         Some(n) => n.clone(),
         None => XlReplicaBuilder::image_name(&image)?,
     };
+    let disk = a.disk.disks()?.into_iter().next();
+    let keep_paused = disk.is_some();
     let report = match a.failover_method {
-        FailoverMethodArg::Restore => resume::resume_by_restore(
+        FailoverMethodArg::Restore => resume::resume_by_restore_paused(
             hv,
             &XlTool::default(),
             replica,
@@ -616,13 +710,46 @@ fn fail_over(
             &image,
             &a.spool_dir,
             &name,
+            keep_paused,
         ),
-        FailoverMethodArg::InPlace => resume::resume_in_place(hv, replica, &staged),
+        FailoverMethodArg::InPlace => {
+            resume::resume_in_place_paused(hv, replica, &staged, keep_paused)
+        }
     }
     .with_context(|| format!("failover of replica {replica} at checkpoint {}", staged.seq))?;
+    let t_disk = Instant::now();
+    let vbd = match &disk {
+        None => None,
+        Some(d) => Some(
+            kemarid::failover::disk::serve_and_unpause(
+                hv,
+                report.domid,
+                d,
+                Some(PathBuf::from("/run/kemari")),
+            )
+            .with_context(|| {
+                format!(
+                    "bringing up {} on {} for domain {} (left paused)",
+                    a.disk.vdev,
+                    d.path.display(),
+                    report.domid
+                )
+            })?,
+        ),
+    };
+    let disk_ms = t_disk.elapsed().as_secs_f64() * 1000.0;
+    if let (Some(d), Some(v)) = (&disk, &vbd) {
+        eprintln!(
+            "kemari receive: domain {} {} served from {} at {} (created in {disk_ms:.0} ms), guest unpaused",
+            report.domid,
+            a.disk.vdev,
+            d.path.display(),
+            v.paths().backend
+        );
+    }
     let total = silent_at_start + t0.elapsed();
     eprintln!(
-        "failover: guest running on {} as domain {} after {} ms (last heartbeat -> running; detection {} ms, image {:.0} ms, destroy {:.0} ms, restore {:.0} ms), last seq {}",
+        "failover: guest running on {} as domain {} after {} ms (last heartbeat -> running; detection {} ms, image {:.0} ms, destroy {:.0} ms, restore {:.0} ms{}), last seq {}",
         this_host(),
         report.domid,
         total.as_millis(),
@@ -630,17 +757,26 @@ fn fail_over(
         report.image_ms,
         report.destroy_ms,
         report.restore_ms,
+        if disk.is_some() { format!(", disk {disk_ms:.0} ms") } else { String::new() },
         report.seq
     );
     eprintln!("kemari receive: this host is now PRIMARY WITHOUT PROTECTION for {name}");
-    Ok(serde_json::json!({
-        "host": this_host(),
-        "name": name,
-        "report": report,
-        "method": format!("{:?}", a.failover_method),
-        "detection_ms": silent_at_start.as_secs_f64() * 1000.0,
-        "heartbeat_to_running_ms": total.as_secs_f64() * 1000.0,
-    }))
+    Ok((
+        serde_json::json!({
+            "host": this_host(),
+            "name": name,
+            "report": report,
+            "method": format!("{:?}", a.failover_method),
+            "detection_ms": silent_at_start.as_secs_f64() * 1000.0,
+            "heartbeat_to_running_ms": total.as_secs_f64() * 1000.0,
+            "disk": disk.as_ref().map(|d| serde_json::json!({
+                "path": d.path,
+                "vdev": a.disk.vdev,
+                "ms": disk_ms,
+            })),
+        }),
+        vbd,
+    ))
 }
 
 /// Runs a sync-related debug command.
