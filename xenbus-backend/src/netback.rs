@@ -35,10 +35,13 @@
 //! requests are answered with errors and logged at most [`LOGGED_BAD_REQUESTS`] times at
 //! `warn`.
 
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use hypervisor::{
     DomId, EventChannels, GrantMapping, GrantRef, GrantTables, HypervisorError, Port, XenStore,
@@ -47,6 +50,7 @@ use hypervisor::{
 use zerocopy::little_endian::{I16, U16, U32};
 use zerocopy::{FromBytes, IntoBytes};
 
+use crate::commit::{self, OutputGate, ReleaseRecord};
 use crate::device::{self, DeviceError, DevicePaths};
 use crate::netif::{
     checksum_location, complete_checksum, parse_tx_packet, RxRequest, RxResponse, TxChain,
@@ -67,6 +71,9 @@ pub const ERROR_NODE: &str = "kemari-error";
 pub const LOGGED_BAD_REQUESTS: u32 = 8;
 /// Largest frame read from the tap (longer ones are truncated there and dropped here).
 const RX_BUF: usize = 65536;
+/// Bytes of guest frames a protected vif holds at most while it waits for an ACK; frames
+/// beyond are dropped (counted), as a full NIC queue would (TCP retransmits them).
+pub const MAX_HELD_TX_BYTES: usize = 32 << 20;
 
 /// Where the guest's transmitted frames go. The netback calls [`deliver`](Self::deliver)
 /// once per packet, in ring order, with the frame as the vif's tap takes it: on a tap with
@@ -90,6 +97,16 @@ impl TxSink for Tap {
 /// Errors of a virtual network interface.
 #[derive(Debug, thiserror::Error)]
 pub enum VifError {
+    /// The output-commit waker socket could not be made.
+    #[error("guest {domid} vif {devid}: output-commit waker: {source}")]
+    Waker {
+        /// The guest.
+        domid: DomId,
+        /// The device.
+        devid: u32,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// xenstore handling.
     #[error(transparent)]
     Device(#[from] DeviceError),
@@ -241,6 +258,21 @@ pub struct VifStats {
     pub notifies: u64,
     /// Times the frontend connected.
     pub connects: u64,
+    /// Guest frames held for output commit (over the vif's life).
+    pub tx_held: u64,
+    /// Held frames dropped because [`MAX_HELD_TX_BYTES`] were already waiting.
+    pub tx_held_dropped: u64,
+}
+
+/// Output commit of the guest's frames: each is tagged with the gate's epoch when the guest's
+/// request is taken and goes to the sink only once that checkpoint is ACKed.
+struct HeldTx {
+    gate: Arc<OutputGate>,
+    waker: UnixStream,
+    /// (epoch, frame with the tap's header if any, taken at, frame number)
+    queue: VecDeque<(u64, Vec<u8>, Instant, u64)>,
+    bytes: usize,
+    next: u64,
 }
 
 /// Where a vif is.
@@ -284,6 +316,7 @@ pub struct Vif<'h> {
     bad_logged: u32,
     frame: Vec<u8>,
     rx_buf: Vec<u8>,
+    commit: Option<HeldTx>,
 }
 
 impl std::fmt::Debug for Vif<'_> {
@@ -338,6 +371,7 @@ impl<'h> Vif<'h> {
             bad_logged: 0,
             frame: Vec::with_capacity(RX_BUF),
             rx_buf: vec![0; RX_BUF],
+            commit: None,
         };
         let mac = config.mac_string();
         let front = [("handle", config.devid.to_string()), ("mac", mac.clone())];
@@ -379,6 +413,60 @@ impl<'h> Vif<'h> {
     /// is acknowledged); returns the previous sink.
     pub fn set_tx_sink(&mut self, sink: Box<dyn TxSink>) -> Box<dyn TxSink> {
         std::mem::replace(&mut self.sink, sink)
+    }
+
+    /// Puts the guest's frames under output commit: from now on each frame the guest sends
+    /// is held until `gate` releases its epoch (the secondary ACKed the checkpoint that holds
+    /// the guest state that sent it), and every held frame kicks the gate's tap. Frames for
+    /// the guest are delivered at once (they become part of the next checkpoint).
+    pub fn protect(&mut self, gate: Arc<OutputGate>) -> Result<(), VifError> {
+        let waker = gate.waker().map_err(|source| VifError::Waker {
+            domid: self.paths.domid,
+            devid: self.paths.devid,
+            source,
+        })?;
+        self.commit = Some(HeldTx {
+            gate,
+            waker,
+            queue: VecDeque::new(),
+            bytes: 0,
+            next: 0,
+        });
+        Ok(())
+    }
+
+    /// Frames held for output commit, not yet released.
+    pub fn held_frames(&self) -> usize {
+        self.commit.as_ref().map_or(0, |c| c.queue.len())
+    }
+
+    /// Hands the held frames whose checkpoint was ACKed (all, once protection ended) to the
+    /// sink, in the order the guest sent them.
+    fn release_held(&mut self) {
+        let Some(mut c) = self.commit.take() else {
+            return;
+        };
+        commit::drain_waker(&c.waker);
+        while let Some(&(epoch, _, _, _)) = c.queue.front() {
+            if !c.gate.is_released(epoch) {
+                break;
+            }
+            let Some((epoch, buf, taken, n)) = c.queue.pop_front() else {
+                break;
+            };
+            c.bytes -= buf.len();
+            c.gate.record_release(&ReleaseRecord {
+                devid: self.paths.devid,
+                id: n,
+                op: "tx",
+                epoch,
+                acked: c.gate.protecting().then(|| c.gate.released()),
+                taken,
+            });
+            let len = buf.len() - if self.vnet { VNET_HDR_LEN } else { 0 };
+            self.sink_frame(&buf, len as u64);
+        }
+        self.commit = Some(c);
     }
 
     fn start_watch(&mut self) -> Result<(), VifError> {
@@ -464,6 +552,9 @@ impl<'h> Vif<'h> {
             if watch_tap {
                 fds.push(PollFd::new(self.tap.as_fd(), PollFlags::POLLIN));
             }
+            if let Some(c) = &self.commit {
+                fds.push(PollFd::new(c.waker.as_fd(), PollFlags::POLLIN));
+            }
             match nix::poll::poll(&mut fds, t) {
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(e) => return Err(VifError::Poll(e)),
@@ -474,6 +565,7 @@ impl<'h> Vif<'h> {
                     .and_then(|f| f.revents())
                     .is_some_and(|r| !r.is_empty())
         };
+        self.release_held();
         while let Some(ev) = self
             .xs
             .read_watch(Some(Duration::ZERO))
@@ -522,6 +614,9 @@ impl<'h> Vif<'h> {
 
     /// Disconnects and removes the device's xenstore nodes.
     pub fn shutdown(&mut self) -> Result<(), VifError> {
+        // what was ACKed (or everything, if protection ended) still goes out; frames of a
+        // checkpoint never ACKed were never committed and are dropped
+        self.release_held();
         self.disconnect();
         if let Err(e) = self.xs.unwatch(&self.paths.frontend_state(), &self.token) {
             log::debug!("{}: unwatch: {e}", self.paths.backend);
@@ -922,6 +1017,31 @@ impl<'h> Vif<'h> {
         if self.vnet {
             hdr.copy_from_slice(&vnet.to_bytes());
         }
+        if let Some(c) = &mut self.commit {
+            if let Some(epoch) = c.gate.hold() {
+                if c.bytes + buf.len() > MAX_HELD_TX_BYTES {
+                    let held = c.bytes;
+                    self.stats.tx_held_dropped += 1;
+                    self.stats.tx_dropped += 1;
+                    self.bad_request(format_args!(
+                        "TX frame dropped: {held} bytes already held for the next ACK"
+                    ));
+                    return;
+                }
+                c.queue
+                    .push_back((epoch, buf.to_vec(), Instant::now(), c.next));
+                c.next += 1;
+                c.bytes += buf.len();
+                self.stats.tx_held += 1;
+                c.gate.kick();
+                return;
+            }
+        }
+        self.sink_frame(buf, frame_len);
+    }
+
+    /// Gives one frame (with the tap's header if any) to the sink and counts it.
+    fn sink_frame(&mut self, buf: &[u8], frame_len: u64) {
         match self.sink.deliver(buf) {
             Ok(()) => {
                 self.stats.tx_packets += 1;

@@ -806,3 +806,99 @@ proptest! {
         }
     }
 }
+
+struct CountKicks(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl xenbus_backend::commit::Tap for CountKicks {
+    fn kick(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Output commit: a protected vif answers the guest's TX requests at once but hands each
+/// frame to the tap only after the checkpoint of the epoch it was sent in is ACKed; each held
+/// frame kicks the tap (a checkpoint trigger); after protection ends frames pass through.
+#[test]
+fn protected_vif_holds_guest_frames_until_their_checkpoint_is_acked() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use xenbus_backend::commit::OutputGate;
+    let s = setup();
+    let (mut v, peer, mut f) = connected(&s);
+    let kicks = std::sync::Arc::new(AtomicU64::new(0));
+    let gate = OutputGate::new(1, Box::new(CountKicks(kicks.clone())));
+    v.protect(gate.clone()).unwrap();
+    let send = |f: &mut Front, v: &mut Vif<'_>, id: u16, seed: u8| {
+        let pfn = DATA_PFN + u64::from(id);
+        f.g.write(pfn, 0, &frame(80, seed)).unwrap();
+        let g = f.grant(pfn, true);
+        f.tx_push(&tx(g, 0, 0, id, 80));
+        f.kick_tx();
+        poll(v);
+        let rsp = f.tx_responses();
+        assert_eq!(rsp.len(), 1);
+        assert_eq!(
+            (rsp[0].id.get(), rsp[0].status.get()),
+            (id, 0),
+            "answered at once"
+        );
+    };
+    // epoch 1
+    send(&mut f, &mut v, 1, 1);
+    assert!(
+        recv_all(&peer).is_empty(),
+        "held until checkpoint 1 is ACKed"
+    );
+    assert_eq!(kicks.load(Ordering::SeqCst), 1);
+    assert_eq!(v.held_frames(), 1);
+    // checkpoint 1 is taken (guest paused): what follows is epoch 2
+    gate.take_log(1);
+    send(&mut f, &mut v, 2, 2);
+    poll(&mut v);
+    assert!(recv_all(&peer).is_empty());
+    gate.acked(1);
+    poll(&mut v);
+    assert_eq!(recv_all(&peer), vec![frame(80, 1)], "only epoch 1's frame");
+    assert_eq!(v.held_frames(), 1);
+    gate.take_log(2);
+    gate.acked(2);
+    poll(&mut v);
+    assert_eq!(recv_all(&peer), vec![frame(80, 2)]);
+    assert_eq!(v.stats().tx_held, 2);
+    assert_eq!(v.stats().tx_packets, 2);
+    // held again, then protection ends: released without an ACK, later frames pass through
+    send(&mut f, &mut v, 3, 3);
+    assert!(recv_all(&peer).is_empty());
+    gate.end();
+    poll(&mut v);
+    assert_eq!(recv_all(&peer), vec![frame(80, 3)]);
+    send(&mut f, &mut v, 4, 4);
+    assert_eq!(recv_all(&peer), vec![frame(80, 4)]);
+    assert_eq!(
+        kicks.load(Ordering::SeqCst),
+        3,
+        "no kick once protection ended"
+    );
+    assert_eq!(v.held_frames(), 0);
+}
+
+/// Frames of a checkpoint that was never ACKed are not sent when the vif shuts down.
+#[test]
+fn unacked_frames_are_dropped_at_shutdown() {
+    use std::sync::atomic::AtomicU64;
+    use xenbus_backend::commit::OutputGate;
+    let s = setup();
+    let (mut v, peer, mut f) = connected(&s);
+    let gate = OutputGate::new(
+        1,
+        Box::new(CountKicks(std::sync::Arc::new(AtomicU64::new(0)))),
+    );
+    v.protect(gate.clone()).unwrap();
+    f.g.write(DATA_PFN, 0, &frame(70, 9)).unwrap();
+    let g = f.grant(DATA_PFN, true);
+    f.tx_push(&tx(g, 0, 0, 1, 70));
+    f.kick_tx();
+    poll(&mut v);
+    assert_eq!(v.held_frames(), 1);
+    v.shutdown().unwrap();
+    assert!(recv_all(&peer).is_empty());
+}
