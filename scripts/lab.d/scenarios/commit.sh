@@ -28,7 +28,7 @@ lab_boot_hosts 2
 
 lab_step "disk image on host1, copied to host2"
 # dom0's /var/lib is a small RAM disk: clear spools of earlier scenarios on reused hosts
-lab_run host1 "mkdir -p /var/lib/lab /var/lib/kemari /run/kemari && rm -f $IMG $LOG /var/lib/lab/commit-open.img && dd if=/dev/urandom of=$IMG bs=1M count=2 2>/dev/null && truncate -s ${COMMIT_IMG_MIB}M $IMG && sha1sum $IMG"
+lab_run host1 "mkdir -p /var/lib/lab /var/lib/kemari /run/kemari && rm -f $IMG $LOG /var/lib/lab/commit-open.img /var/lib/lab/io.img && dd if=/dev/urandom of=$IMG bs=1M count=2 2>/dev/null && truncate -s ${COMMIT_IMG_MIB}M $IMG && sha1sum $IMG"
 lab_copy_out host1 "$IMG" "$LAB_RUN/commit-initial.img"
 lab_run host2 "mkdir -p /var/lib/lab /var/lib/kemari && rm -rf /var/lib/kemari/spool-* $COPY"
 lab_copy_in host2 "$LAB_RUN/commit-initial.img" "$COPY"
