@@ -277,7 +277,11 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
         }
     };
     let mut tx = Sender::new(hv, domid, stream, opts, device)?;
-    if a.suspend {
+    // A guest created paused and unpaused after the initial sync (--unpause) has not run yet:
+    // it cannot answer a suspend request, and a paused copy of it is already a clean state to
+    // start from. Its initial image is taken paused; checkpoints are at suspend points.
+    let suspend_after_unpause = a.suspend && a.commit.unpause && info.paused;
+    if a.suspend && !suspend_after_unpause {
         tx.set_quiesce(Quiesce::Suspend {
             xenstore: hv.open_xenstore()?,
             timeout: Duration::from_secs(a.suspend_timeout_s),
@@ -331,6 +335,13 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     crate::commit_cmd::unpause_if_asked(&a.commit, hv, domid)?;
+    if suspend_after_unpause {
+        eprintln!("kemari replicate: the initial image of paused domain {domid} was taken paused; checkpoints at suspend points from now on");
+        tx.set_quiesce(Quiesce::Suspend {
+            xenstore: hv.open_xenstore()?,
+            timeout: Duration::from_secs(a.suspend_timeout_s),
+        });
+    }
     let mut hook = crate::commit_cmd::hook(
         CountHook {
             limit: a.checkpoints,
