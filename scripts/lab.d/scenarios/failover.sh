@@ -15,6 +15,20 @@
 #   FO_INTERVAL_MS            maximum epoch (default 500)
 #   FO_PROTECT_S              seconds of protection before the kill (default 15)
 #   FO_KILL=host1|host2       whose power fails (host2: the primary must go on unprotected)
+#   FO_DISK=0|1               the guest's disk under output commit (default 0): created paused
+#                             without a disk, `kemari replicate --disk IMG --unpause` serves it on
+#                             host1, `kemari receive --disk COPY` keeps host2's copy (made before
+#                             the start) at the last ACK and serves it after the failover; the
+#                             guest's disk writer prints "kemari-disk wrote N" after each fsync'd
+#                             record N. Checks: every record host1's console reported written
+#                             before the kill is on host2's copy (lost=0), and the writer goes on
+#                             on host2 (new lines on its console).
+#                             With --suspend the writes of an epoch are released when its
+#                             checkpoint's suspend is requested (a task waiting for a write held
+#                             until the ACK cannot be frozen, the suspend would fail: run
+#                             20261130-231528); records host1 printed after the last ACK are
+#                             rolled back and written again by the guest on host2 (figure
+#                             disk_writes_redone_on_host2), docs/failover.md.
 
 FO_GUEST=${FO_GUEST:-pvh}
 FO_QUIESCE=${FO_QUIESCE:-suspend}
@@ -26,6 +40,9 @@ FO_PROTECT_S=${FO_PROTECT_S:-15}
 FO_KILL=${FO_KILL:-host1}
 FO_PORT=${FO_PORT:-7300}
 FO_HB_PORT=${FO_HB_PORT:-7301}
+FO_DISK=${FO_DISK:-0}
+FO_IMG=/var/lib/lab/fo.img
+FO_COPY=/var/lib/lab/fo-copy.img
 name=fo-$FO_GUEST
 lab_say "failover: guest $FO_GUEST, checkpoints by $FO_QUIESCE, resume by $FO_METHOD, heartbeat ${FO_HB_MS} ms x $FO_HB_MISSES"
 lab_figure guest "$FO_GUEST"
@@ -33,23 +50,38 @@ lab_figure quiesce "$FO_QUIESCE"
 lab_figure method "$FO_METHOD"
 lab_figure heartbeat_period_ms "$FO_HB_MS"
 lab_figure heartbeat_misses "$FO_HB_MISSES"
+lab_figure disk "$FO_DISK"
 
 lab_step "boot 2 hosts"
 lab_boot_hosts 2
 
-lab_step "create a $FO_GUEST guest with a memory writer on host1"
-lab_create_guest host1 "$FO_GUEST" "$name" "mem=128" "extra=lab.memwrite=256"
-lab_wait_console host1 "$name" 'kemari-guest memory writer' 180 || lab_fail "$name did not start"
+rflags="" pflags=""
+if [ "$FO_DISK" = 1 ]; then
+  lab_step "16 MiB disk image on host1, the same on host2"
+  lab_run host1 "mkdir -p /var/lib/lab /run/kemari && rm -f $FO_IMG && truncate -s 16M $FO_IMG && sha1sum $FO_IMG"
+  lab_run host2 "mkdir -p /var/lib/lab /run/kemari && rm -f $FO_COPY && truncate -s 16M $FO_COPY && sha1sum $FO_COPY"
+  p=$(lab_run host1 "sha1sum $FO_IMG" | cut -c1-40)
+  c=$(lab_run host2 "sha1sum $FO_COPY" | cut -c1-40)
+  [ "$p" = "$c" ] || lab_fail "host2's copy differs from host1's image before the start"
+  lab_step "create a $FO_GUEST guest, paused and without a disk, on host1"
+  lab_create_guest host1 "$FO_GUEST" "$name" "mem=128" "paused=1" "extra=lab.memwrite=256"
+  rflags="--disk $FO_COPY"
+  pflags="--disk $FO_IMG --unpause"
+else
+  lab_step "create a $FO_GUEST guest with a memory writer on host1"
+  lab_create_guest host1 "$FO_GUEST" "$name" "mem=128" "extra=lab.memwrite=256"
+  lab_wait_console host1 "$name" 'kemari-guest memory writer' 180 || lab_fail "$name did not start"
+fi
 
 lab_step "kemari receive --failover on host2"
 lab_run host2 "mkdir -p /var/lib/kemari && rm -rf /var/lib/kemari/spool-*"
-lab_run host2 "setsid sh -c 'RUST_LOG=info kemari --json receive --listen 0.0.0.0:$FO_PORT --spool-dir /var/lib/kemari/spool-fo --once --heartbeat-listen 0.0.0.0:$FO_HB_PORT --heartbeat-ms $FO_HB_MS --heartbeat-misses $FO_HB_MISSES --failover --failover-method $FO_METHOD >/var/lib/kemari/receive-fo.json 2>/var/lib/kemari/receive-fo.log' </dev/null >/dev/null 2>&1 &"
+lab_run host2 "setsid sh -c 'RUST_LOG=info kemari --json receive --listen 0.0.0.0:$FO_PORT --spool-dir /var/lib/kemari/spool-fo --once --heartbeat-listen 0.0.0.0:$FO_HB_PORT --heartbeat-ms $FO_HB_MS --heartbeat-misses $FO_HB_MISSES --failover --failover-method $FO_METHOD $rflags >/var/lib/kemari/receive-fo.json 2>/var/lib/kemari/receive-fo.log' </dev/null >/dev/null 2>&1 &"
 sleep 2
 
 lab_step "kemari replicate on host1 (heartbeat, checkpoints by $FO_QUIESCE)"
 qflag=""
 [ "$FO_QUIESCE" = suspend ] && qflag="--suspend --suspend-timeout-s 30"
-lab_run host1 "setsid sh -c 'RUST_LOG=info kemari replicate $name $(lab_host_ip host2):$FO_PORT --interval-ms $FO_INTERVAL_MS --ack-timeout-s 60 $qflag --heartbeat-port $FO_HB_PORT --heartbeat-ms $FO_HB_MS --heartbeat-misses $FO_HB_MISSES >/tmp/replicate-fo.out 2>/tmp/replicate-fo.log & echo \$! >/tmp/replicate-fo.pid' </dev/null >/dev/null 2>&1"
+lab_run host1 "setsid sh -c 'RUST_LOG=info kemari replicate $name $(lab_host_ip host2):$FO_PORT --interval-ms $FO_INTERVAL_MS --ack-timeout-s 60 $qflag --heartbeat-port $FO_HB_PORT --heartbeat-ms $FO_HB_MS --heartbeat-misses $FO_HB_MISSES $pflags >/tmp/replicate-fo.out 2>/tmp/replicate-fo.log & echo \$! >/tmp/replicate-fo.pid' </dev/null >/dev/null 2>&1"
 ok=0
 for _ in $(seq 240); do
   if lab_run host1 "grep -q 'ACKed after' /tmp/replicate-fo.log" 30; then ok=1; break; fi
@@ -62,12 +94,25 @@ done
   lab_fail "initial sync did not finish"
 }
 lab_run host1 "grep 'initial sync' /tmp/replicate-fo.log | tail -2"
+if [ "$FO_DISK" = 1 ]; then
+  lab_wait_console host1 "$name" 'kemari-disk wrote [0-9]+' 180 || {
+    lab_run host1 "tail -20 /tmp/replicate-fo.log" || true
+    lab_fail "the guest's disk writer did not start under protection"
+  }
+fi
 
 lab_step "protected for ${FO_PROTECT_S} s"
 f1=$(lab_guest_console_file host1 "$name")
 sleep "$FO_PROTECT_S"
 lab_run host1 "tail -3 /tmp/replicate-fo.log" || true
 lab_run host1 "xl list $name" || true
+# protection must still be on, or there is nothing to fail over to (e.g. a suspend the guest
+# could not do)
+if ! lab_run host1 'kill -0 "$(cat /tmp/replicate-fo.pid)" 2>/dev/null' 30; then
+  lab_run host1 "grep -iE 'suspend|LOST|error' /tmp/replicate-fo.log | tail -8" || true
+  grep -E 'Freezing of tasks failed|freeze processes failed' "$f1" >&2 || true
+  lab_fail "protection ended before the kill (kemari replicate exited; see its log above)"
+fi
 
 if [ "$FO_KILL" = host2 ]; then
   lab_step "power loss of host2, the secondary (SIGKILL of its QEMU)"
@@ -97,13 +142,16 @@ last1=$(grep -o 'kemari-guest alive [0-9]*' "$f1" | tail -1 | awk '{print $3}')
 t0=$(lab_now)
 lab_kill host1
 last1_after=$(grep -o 'kemari-guest alive [0-9]*' "$f1" | tail -1 | awk '{print $3}')
+# every write the guest saw acknowledged (fsync returned) before the kill, as host1's console says
+acked_disk=
+[ "$FO_DISK" = 1 ] && acked_disk=$({ grep -o 'kemari-disk wrote [0-9]*' "$f1" || true; } | tail -1 | awk '{print $3}')
 lab_say "host1's guest printed 'alive ${last1_after:-none}' last (${last1:-none} just before the kill)"
 lab_figure counter_at_kill "${last1_after:-0}"
 
 lab_step "host2 fails over"
 rjson=
 for _ in $(seq 180); do
-  rjson=$(lab_run host2 "cat /var/lib/kemari/receive-fo.json" 30) || true
+  rjson=$(lab_run host2 "head -1 /var/lib/kemari/receive-fo.json" 30) || true
   [ -n "$rjson" ] && break
   sleep 1
 done
@@ -154,4 +202,53 @@ lab_say "console heartbeat: host1 last 'alive ${last1_after:-?}', host2 first 'a
 lab_guest_live host2 "$name" || lab_fail "$name is not running on host2"
 lab_run host2 "grep -q 'PRIMARY WITHOUT PROTECTION' /var/lib/kemari/receive-fo.log" ||
   lab_fail "host2 did not report itself primary without protection"
+if [ "$FO_DISK" = 1 ]; then
+  lab_step "the disk on host2: the writer goes on, every acknowledged record is there"
+  [ -n "$acked_disk" ] || lab_fail "host1's guest reported no disk write before the kill"
+  lab_figure disk_records_acked_before_kill "$((acked_disk + 1))"
+  lab_wait_console host2 "$name" 'kemari-disk wrote [0-9]+' 90 || lab_fail "the guest's disk writer did not go on on host2"
+  first_d2=$(grep -o 'kemari-disk wrote [0-9]*' "$f2" | head -1 | awk '{print $3}')
+  lab_wait_console host2 "$name" "kemari-disk wrote $((first_d2 + 3))([^0-9]|\$)" 60 ||
+    lab_fail "the disk writer printed 'wrote $first_d2' on host2, then stopped"
+  lab_say "disk writer: host1 last 'wrote $acked_disk' before the kill, host2 first 'wrote $first_d2', then $((first_d2 + 3))"
+  lab_figure disk_first_on_host2 "$first_d2"
+  # acknowledged on host1 after the last ACKed checkpoint: rolled back, written again on host2
+  lab_figure disk_writes_redone_on_host2 "$((acked_disk >= first_d2 ? acked_disk - first_d2 + 1 : 0))"
+  # destroy the guest: kemari receive then stops serving the disk and prints its counters
+  lab_run host2 "xl destroy $name"
+  dj=
+  for _ in $(seq 60); do
+    dj=$(lab_run host2 "sed -n 2p /var/lib/kemari/receive-fo.json" 30) || true
+    [ -n "$dj" ] && break
+    sleep 1
+  done
+  lab_run host2 "tail -5 /var/lib/kemari/receive-fo.log" || true
+  echo "host2 disk: $dj"
+  [ -n "$dj" ] || lab_fail "kemari receive did not end its disk service after the guest was destroyed"
+  lab_run host2 "lab-diskcheck $FO_COPY" 120 | tee "$LAB_RUN/failover-diskcheck.txt" || true
+  lab_copy_out host2 "$FO_COPY" "$LAB_RUN/failover-copy.img"
+  read -r acked lost last_rec derr < <(python3 - "$LAB_RUN/failover-copy.img" "$acked_disk" "$dj" <<'PY'
+import hashlib, json, sys
+img = open(sys.argv[1], "rb").read()
+n = int(sys.argv[2])
+d = json.loads(sys.argv[3])["disk"]
+def rec(i):
+    s = img[i * 512:(i + 1) * 512].rstrip(b"\0").decode(errors="replace")
+    want = "kemari-rec %d %s\n" % (i, hashlib.sha1(b"rec %d\n" % i).hexdigest())
+    return s == want
+lost = [i for i in range(n + 1) if not rec(i)]
+last = max([i for i in range(len(img) // 512) if rec(i)], default=-1)
+print("lost records:", lost[:10], file=sys.stderr)
+print(n + 1, len(lost), last, d["errors"])
+PY
+)
+  rm -f "$LAB_RUN/failover-copy.img"
+  lab_figure disk_writes_acknowledged "$acked"
+  lab_figure disk_writes_lost "$lost"
+  lab_figure disk_last_record_on_host2 "$last_rec"
+  [ "$lost" = 0 ] || lab_fail "$lost of the $acked records acknowledged on host1 before the kill are not on host2's disk"
+  [ "$last_rec" -gt "$acked_disk" ] || lab_fail "no record after $acked_disk on host2's disk: the writer did not go on there"
+  [ "$derr" = 0 ] || lab_fail "host2's disk reported $derr errors"
+  lab_say "disk PASS: $acked records acknowledged before the kill, $lost lost, host2 went on to record $last_rec"
+fi
 lab_say "failover PASS: $FO_GUEST guest continued on host2 ${hb_ms} ms after host1's last heartbeat (checkpoints before the kill: $checkpoints, last seq $last_seq)"

@@ -350,6 +350,13 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
         usr1,
         disk.as_ref(),
     );
+    if let (true, Some(d)) = (a.suspend, disk.as_ref()) {
+        eprintln!("kemari replicate: --suspend with --disk: each epoch's disk writes are released when its checkpoint's suspend is requested, not after its ACK (the guest freezes its tasks to suspend; docs/failover.md)");
+        hook = Box::new(ReleaseAtSuspend {
+            inner: hook,
+            gate: d.gate.clone(),
+        });
+    }
     let protect_start = Instant::now();
     let out = match tx.protect(&triggers, &mut *hook) {
         Ok(o) => o,
@@ -410,6 +417,43 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
         d.finish(out.held_paused, &triggers, json)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--suspend` with `--disk`: the disk writes of epoch `seq` are released when checkpoint
+/// `seq` is about to ask the guest to suspend, instead of after its ACK. Linux's Xen suspend
+/// freezes every task first, and a task waiting for a write held until the ACK of the very
+/// checkpoint that waits for the suspend cannot be frozen: the suspend fails after 20 s
+/// (lab run 20261130-231528). Released this way, the writes still reach the primary's disk
+/// only after the guest issued them and travel in checkpoint `seq`'s disk log, applied on the
+/// secondary with that checkpoint (Remus' disk semantics): if the primary dies before the ACK,
+/// the secondary resumes the guest at the previous checkpoint, in a state in which those
+/// writes have not completed, and the guest issues them again. What the guest made visible
+/// outside because a write completed is the network's output commit to hold.
+struct ReleaseAtSuspend<'a> {
+    inner: Box<dyn kemarid::sync::sender::CheckpointHook + 'a>,
+    gate: Arc<xenbus_backend::commit::OutputGate>,
+}
+
+impl kemarid::sync::sender::CheckpointHook for ReleaseAtSuspend<'_> {
+    fn release(
+        &mut self,
+        seq: u64,
+        reasons: kemarid::sync::trigger::Reasons,
+    ) -> kemarid::sync::sender::Release {
+        self.gate.acked(seq);
+        self.inner.release(seq, reasons)
+    }
+
+    fn acked(&mut self, info: &kemarid::sync::sender::AckInfo) -> kemarid::sync::sender::AfterAck {
+        self.inner.acked(info)
+    }
+
+    fn extra(
+        &mut self,
+        seq: u64,
+    ) -> Result<Vec<(u32, Vec<u8>)>, kemarid::sync::sender::DeviceError> {
+        self.inner.extra(seq)
+    }
 }
 
 /// Starts the primary's heartbeat to `target`'s host on `port`; when the secondary is
