@@ -15,7 +15,7 @@
 #   FO_INTERVAL_MS            maximum epoch (default 500)
 #   FO_PROTECT_S              seconds of protection before the kill (default 15)
 #   FO_KILL=host1|host2       whose power fails (host2: the primary must go on unprotected)
-#   FO_DISK=0|1               the guest's disk under output commit (default 0): created paused
+#   FO_DISK=0|1               the guest's disk under output commit (default 1): created paused
 #                             without a disk, `kemari replicate --disk IMG --unpause` serves it on
 #                             host1, `kemari receive --disk COPY` keeps host2's copy (made before
 #                             the start) at the last ACK and serves it after the failover; the
@@ -29,6 +29,12 @@
 #                             20261130-231528); records host1 printed after the last ACK are
 #                             rolled back and written again by the guest on host2 (figure
 #                             disk_writes_redone_on_host2), docs/failover.md.
+#   FO_TCP=0|1                a TCP session across the failover (default 0): the guest gets a
+#                             vif (kernel netback, xenbr0) and address $FO_GUEST_IP; a client in
+#                             host2's dom0 keeps one nc connection to its echo service (port 7000)
+#                             and sends a line every 0.5 s. Figure tcp_session_survived=yes|no:
+#                             the same connection gets echoes after the failover (a figure, not a
+#                             pass condition: the network is not output-committed yet).
 
 FO_GUEST=${FO_GUEST:-pvh}
 FO_QUIESCE=${FO_QUIESCE:-suspend}
@@ -40,9 +46,13 @@ FO_PROTECT_S=${FO_PROTECT_S:-15}
 FO_KILL=${FO_KILL:-host1}
 FO_PORT=${FO_PORT:-7300}
 FO_HB_PORT=${FO_HB_PORT:-7301}
-FO_DISK=${FO_DISK:-0}
+FO_DISK=${FO_DISK:-1}
+FO_TCP=${FO_TCP:-0}
+FO_GUEST_IP=10.77.0.150
 FO_IMG=/var/lib/lab/fo.img
 FO_COPY=/var/lib/lab/fo-copy.img
+netopt=""
+[ "$FO_TCP" = 1 ] && netopt="net=1 ip=$FO_GUEST_IP/24"
 name=fo-$FO_GUEST
 lab_say "failover: guest $FO_GUEST, checkpoints by $FO_QUIESCE, resume by $FO_METHOD, heartbeat ${FO_HB_MS} ms x $FO_HB_MISSES"
 lab_figure guest "$FO_GUEST"
@@ -64,12 +74,14 @@ if [ "$FO_DISK" = 1 ]; then
   c=$(lab_run host2 "sha1sum $FO_COPY" | cut -c1-40)
   [ "$p" = "$c" ] || lab_fail "host2's copy differs from host1's image before the start"
   lab_step "create a $FO_GUEST guest, paused and without a disk, on host1"
-  lab_create_guest host1 "$FO_GUEST" "$name" "mem=128" "paused=1" "extra=lab.memwrite=256"
+  # shellcheck disable=SC2086 # netopt: zero or two options
+  lab_create_guest host1 "$FO_GUEST" "$name" "mem=128" "paused=1" $netopt "extra=lab.memwrite=256"
   rflags="--disk $FO_COPY"
   pflags="--disk $FO_IMG --unpause"
 else
   lab_step "create a $FO_GUEST guest with a memory writer on host1"
-  lab_create_guest host1 "$FO_GUEST" "$name" "mem=128" "extra=lab.memwrite=256"
+  # shellcheck disable=SC2086
+  lab_create_guest host1 "$FO_GUEST" "$name" "mem=128" $netopt "extra=lab.memwrite=256"
   lab_wait_console host1 "$name" 'kemari-guest memory writer' 180 || lab_fail "$name did not start"
 fi
 
@@ -101,8 +113,22 @@ if [ "$FO_DISK" = 1 ]; then
   }
 fi
 
-lab_step "protected for ${FO_PROTECT_S} s"
 f1=$(lab_guest_console_file host1 "$name")
+if [ "$FO_TCP" = 1 ]; then
+  lab_step "a TCP session from host2's dom0 to the guest's echo service"
+  lab_wait_console host1 "$name" 'kemari-guest tcp service' 120 || lab_fail "the guest's TCP service did not start"
+  lab_run host2 "rm -f /tmp/tcp-fo.out; setsid sh -c '(i=0; while :; do echo fo-line-\$i; i=\$((i + 1)); sleep 0.5; done) | nc $FO_GUEST_IP 7000 >/tmp/tcp-fo.out 2>/tmp/tcp-fo.err & echo \$! >/tmp/tcp-fo.pid' </dev/null >/dev/null 2>&1"
+  ok=0
+  for _ in $(seq 60); do
+    n=$(lab_run host2 "grep -c fo-line- /tmp/tcp-fo.out" 30) || true
+    [ "${n:-0}" -ge 3 ] && { ok=1; break; }
+    sleep 1
+  done
+  [ "$ok" = 1 ] || { lab_run host2 "cat /tmp/tcp-fo.out /tmp/tcp-fo.err" || true; lab_fail "no echo from the guest's TCP service at $FO_GUEST_IP:7000"; }
+  lab_run host2 "head -3 /tmp/tcp-fo.out"
+fi
+
+lab_step "protected for ${FO_PROTECT_S} s"
 sleep "$FO_PROTECT_S"
 lab_run host1 "tail -3 /tmp/replicate-fo.log" || true
 lab_run host1 "xl list $name" || true
@@ -121,6 +147,8 @@ if [ "$FO_KILL" = host2 ]; then
   gone=0
   for _ in $(seq 120); do
     if ! lab_run host1 'kill -0 "$(cat /tmp/replicate-fo.pid)" 2>/dev/null' 30; then gone=1; break; fi
+    # with the disk, kemari replicate goes on serving it to the unprotected guest
+    if [ "$FO_DISK" = 1 ] && lab_run host1 "grep -q 'protection over' /tmp/replicate-fo.log" 30; then gone=1; break; fi
     sleep 0.5
   done
   lab_figure secondary_loss_to_exit_s "$(lab_since "$t0")"
@@ -147,6 +175,9 @@ acked_disk=
 [ "$FO_DISK" = 1 ] && acked_disk=$({ grep -o 'kemari-disk wrote [0-9]*' "$f1" || true; } | tail -1 | awk '{print $3}')
 lab_say "host1's guest printed 'alive ${last1_after:-none}' last (${last1:-none} just before the kill)"
 lab_figure counter_at_kill "${last1_after:-0}"
+
+tcp_before=0
+[ "$FO_TCP" = 1 ] && tcp_before=$(lab_run host2 "grep -c fo-line- /tmp/tcp-fo.out" 30 || echo 0)
 
 lab_step "host2 fails over"
 rjson=
@@ -202,6 +233,32 @@ lab_say "console heartbeat: host1 last 'alive ${last1_after:-?}', host2 first 'a
 lab_guest_live host2 "$name" || lab_fail "$name is not running on host2"
 lab_run host2 "grep -q 'PRIMARY WITHOUT PROTECTION' /var/lib/kemari/receive-fo.log" ||
   lab_fail "host2 did not report itself primary without protection"
+if [ "$FO_TCP" = 1 ]; then
+  lab_step "the TCP session across the failover"
+  survived=no tcp_after=$tcp_before
+  for _ in $(seq 30); do
+    tcp_after=$(lab_run host2 "grep -c fo-line- /tmp/tcp-fo.out" 30) || tcp_after=$tcp_before
+    if [ "$tcp_after" -gt "$tcp_before" ] && lab_run host2 'kill -0 "$(cat /tmp/tcp-fo.pid)" 2>/dev/null' 30; then
+      survived=yes
+      break
+    fi
+    sleep 1
+  done
+  lab_run host2 "tail -3 /tmp/tcp-fo.out; cat /tmp/tcp-fo.err; kill \$(cat /tmp/tcp-fo.pid) 2>/dev/null" || true
+  lab_figure tcp_echoes_before_kill "$tcp_before"
+  lab_figure tcp_echoes_at_end "$tcp_after"
+  lab_figure tcp_session_survived "$survived"
+  # a new connection tells a guest unreachable on host2 from a session whose state diverged
+  newc=no
+  lab_run host2 "printf 'fo-new\\n' | nc -w 10 $FO_GUEST_IP 7000" 60 | grep -q fo-new && newc=yes
+  lab_figure tcp_new_connection_after "$newc"
+  if [ "$newc" = no ]; then
+    # evidence for the guest's network on host2: its vif, the bridge, where the bridge and
+    # dom0 think its MAC/address are
+    lab_run host2 "xl network-list $name; ip -br link | grep -E 'vif|xenbr'; bridge fdb show br xenbr0 2>/dev/null | grep -v permanent | head; ip neigh show $FO_GUEST_IP; ping -c 2 -W 2 $FO_GUEST_IP | tail -2" 60 || true
+  fi
+  lab_say "TCP session: $tcp_before echoes before the kill, $tcp_after at the end: survived=$survived; a new connection after the failover: $newc"
+fi
 if [ "$FO_DISK" = 1 ]; then
   lab_step "the disk on host2: the writer goes on, every acknowledged record is there"
   [ -n "$acked_disk" ] || lab_fail "host1's guest reported no disk write before the kill"
