@@ -255,7 +255,7 @@ if [ "$FO_TCP" = 1 ]; then
   if [ "$newc" = no ]; then
     # evidence for the guest's network on host2: its vif, the bridge, where the bridge and
     # dom0 think its MAC/address are
-    lab_run host2 "xl network-list $name; ip -br link | grep -E 'vif|xenbr'; bridge fdb show br xenbr0 2>/dev/null | grep -v permanent | head; ip neigh show $FO_GUEST_IP; ping -c 2 -W 2 $FO_GUEST_IP | tail -2" 60 || true
+    lab_run host2 "xl network-list $name; ip link | grep -E 'vif|xenbr'; bridge fdb show br xenbr0 2>/dev/null | grep -v permanent | head; ip neigh show $FO_GUEST_IP; ping -c 2 -W 2 $FO_GUEST_IP | tail -2" 60 || true
   fi
   lab_say "TCP session: $tcp_before echoes before the kill, $tcp_after at the end: survived=$survived; a new connection after the failover: $newc"
 fi
