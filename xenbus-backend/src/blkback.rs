@@ -60,8 +60,6 @@ pub const ERROR_NODE: &str = "kemari-error";
 /// Persistent grant mappings kept per device (as Linux's blkback `max_persistent_grants`); a
 /// request whose pages do not fit is served with a one-off mapping.
 pub const MAX_PERSISTENT_GRANTS: usize = 1056;
-/// Bad requests logged per device at `warn` before the rest go to `debug`.
-const LOGGED_BAD_REQUESTS: u32 = 8;
 
 /// Errors of a virtual block device.
 #[derive(Debug, thiserror::Error)]
@@ -282,7 +280,7 @@ pub struct Vbd<'h> {
     failure: Option<String>,
     gone: bool,
     token: String,
-    bad_logged: u32,
+    bad_log: device::BadRequestLog,
     buf: Vec<u8>,
     journal_path: Option<PathBuf>,
     /// Output commit: the gate shared with the synchronization engine, its wake-up socket,
@@ -341,7 +339,7 @@ impl<'h> Vbd<'h> {
             failure: None,
             gone: false,
             token,
-            bad_logged: 0,
+            bad_log: device::BadRequestLog::default(),
             buf: Vec::new(),
             gate: None,
             waker: None,
@@ -1150,18 +1148,7 @@ impl<'h> Vbd<'h> {
 
     fn bad_request(&mut self, msg: std::fmt::Arguments<'_>) {
         self.stats.errors += 1;
-        self.bad_logged += 1;
-        if self.bad_logged <= LOGGED_BAD_REQUESTS {
-            log::warn!("{}: {msg}", self.paths.backend);
-            if self.bad_logged == LOGGED_BAD_REQUESTS {
-                log::warn!(
-                    "{}: further bad requests of this device are logged at debug level",
-                    self.paths.backend
-                );
-            }
-        } else {
-            log::debug!("{}: {msg}", self.paths.backend);
-        }
+        self.bad_log.log(&self.paths.backend, "device", msg);
     }
 
     /// Serves one request (a private copy of its ring entry) and builds its response.

@@ -346,3 +346,49 @@ pub fn write_back(
     xs.write(Tx::NONE, &path, value.as_bytes())
         .map_err(xs_err(format!("writing {path}")))
 }
+
+/// Bad requests of one device a guest can send without flooding dom0's log: the first
+/// [`LOGGED_BAD_REQUESTS`] are logged at warn level, the rest at debug level.
+pub const LOGGED_BAD_REQUESTS: u32 = 8;
+
+/// The log of a device's bad requests (see [`LOGGED_BAD_REQUESTS`]).
+#[derive(Debug, Default)]
+pub struct BadRequestLog {
+    count: u32,
+}
+
+impl BadRequestLog {
+    /// Logs one bad request of `backend` (a `kind` of device: "device", "vif"); true if it
+    /// went to the warn level.
+    pub fn log(&mut self, backend: &str, kind: &str, msg: std::fmt::Arguments<'_>) -> bool {
+        self.count = self.count.saturating_add(1);
+        if self.count > LOGGED_BAD_REQUESTS {
+            log::debug!("{backend}: {msg}");
+            return false;
+        }
+        log::warn!("{backend}: {msg}");
+        if self.count == LOGGED_BAD_REQUESTS {
+            log::warn!("{backend}: further bad requests of this {kind} are logged at debug level");
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_requests_are_logged_at_warn_level_only_up_to_the_limit() {
+        let mut l = BadRequestLog::default();
+        for _ in 0..LOGGED_BAD_REQUESTS {
+            assert!(l.log("b", "device", format_args!("x")));
+        }
+        assert!(!l.log("b", "device", format_args!("x")));
+        l.count = u32::MAX;
+        assert!(
+            !l.log("b", "device", format_args!("x")),
+            "no wrap back to warn"
+        );
+    }
+}

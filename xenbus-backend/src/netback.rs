@@ -67,8 +67,7 @@ pub const BACKEND_TYPE: &str = "kemari-vif";
 pub const FRONTEND_CLASS: &str = "vif";
 /// Node where the reason a device failed is published.
 pub const ERROR_NODE: &str = "kemari-error";
-/// Bad requests logged per device at `warn` before the rest go to `debug`.
-pub const LOGGED_BAD_REQUESTS: u32 = 8;
+pub use crate::device::LOGGED_BAD_REQUESTS;
 /// Largest frame read from the tap (longer ones are truncated there and dropped here).
 const RX_BUF: usize = 65536;
 /// Bytes of guest frames a protected vif holds at most while it waits for an ACK; frames
@@ -313,7 +312,7 @@ pub struct Vif<'h> {
     failure: Option<String>,
     gone: bool,
     token: String,
-    bad_logged: u32,
+    bad_log: device::BadRequestLog,
     frame: Vec<u8>,
     rx_buf: Vec<u8>,
     commit: Option<HeldTx>,
@@ -368,7 +367,7 @@ impl<'h> Vif<'h> {
             failure: None,
             gone: false,
             token: format!("{BACKEND_TYPE}/{}/{}", config.domid, config.devid),
-            bad_logged: 0,
+            bad_log: device::BadRequestLog::default(),
             frame: Vec::with_capacity(RX_BUF),
             rx_buf: vec![0; RX_BUF],
             commit: None,
@@ -793,18 +792,7 @@ impl<'h> Vif<'h> {
     }
 
     fn bad_request(&mut self, msg: std::fmt::Arguments<'_>) {
-        self.bad_logged = self.bad_logged.saturating_add(1);
-        if self.bad_logged <= LOGGED_BAD_REQUESTS {
-            log::warn!("{}: {msg}", self.paths.backend);
-            if self.bad_logged == LOGGED_BAD_REQUESTS {
-                log::warn!(
-                    "{}: further bad requests of this vif are logged at debug level",
-                    self.paths.backend
-                );
-            }
-        } else {
-            log::debug!("{}: {msg}", self.paths.backend);
-        }
+        self.bad_log.log(&self.paths.backend, "vif", msg);
     }
 
     /// Serves both rings (guest TX, then frames for the guest while it has buffers),
