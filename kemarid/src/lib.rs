@@ -7,6 +7,7 @@
 pub mod debug;
 pub mod domconfig;
 pub mod failover;
+pub mod manpage;
 pub mod qmp;
 pub mod streaminfo;
 pub mod sync;

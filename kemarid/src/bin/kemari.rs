@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use hypervisor::{Hypervisor, Tx};
 use kemarid::debug::{self, SelftestOptions};
 use kemarid::qmp::QmpDeviceModel;
@@ -487,6 +487,9 @@ fn save_to_file(
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = kemarid::manpage::write_if_requested(Cli::command(), "1") {
+        return code;
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let r = match cli.command {
