@@ -4,6 +4,7 @@
 //! against the in-memory implementation and proven against real Xen in the lab
 //! (`scripts/lab test ffi`).
 
+pub mod api;
 pub mod debug;
 pub mod domconfig;
 pub mod failover;
