@@ -27,7 +27,7 @@ d=$tmp/d1
 expect "install into a DESTDIR" inst --destdir "$d"
 cat "$tmp/out"
 expect "kemari in PREFIX/bin, 755" test "$(mode "$d/usr/local/bin/kemari")" = 755
-expect "kemarid in PREFIX/sbin, 755" test "$(mode "$d/usr/local/sbin/kemarid")" = 755
+expect "kemarid in PREFIX/sbin, 755" test "$(mode "$d/usr/local/bin/kemarid")" = 755
 expect "the wrapper is PREFIX/sbin/xl" cmp -s "$repo/scripts/xl-kemari" "$d/usr/local/sbin/xl"
 expect "wrapper 755" test "$(mode "$d/usr/local/sbin/xl")" = 755
 expect "kemari.1 installed" test -f "$d/usr/local/share/man/man1/kemari.1"
@@ -35,7 +35,7 @@ expect "kemarid.8 installed" test -f "$d/usr/local/share/man/man8/kemarid.8"
 expect "every page of man/ installed" test "$(ls "$d"/usr/local/share/man/man*/ | grep -c '\.[18]$')" = "$(ls "$repo"/man | grep -c '\.[18]$')"
 expect "configuration installed" cmp -s "$repo/scripts/kemarid.conf" "$d/etc/kemari/kemarid.conf"
 expect "unit installed" test -f "$d/etc/systemd/system/kemarid.service"
-expect "unit's ExecStart is PREFIX/sbin/kemarid" grep -qx 'ExecStart=/usr/local/sbin/kemarid' "$d/etc/systemd/system/kemarid.service"
+expect "unit's ExecStart is PREFIX/bin/kemarid" grep -qx 'ExecStart=/usr/local/bin/kemarid' "$d/etc/systemd/system/kemarid.service"
 expect "manifest lists what was installed" test "$(wc -l <"$d/usr/local/share/kemari/install-manifest")" = "$(($(ls "$repo"/man | grep -c '\.[18]$') + 4))"
 expect "nothing outside the expected folders" test -z "$(cd "$d" && find . -type f | grep -vE '^\./(usr/local/(bin|sbin|share/man/man[18]|share/kemari)|etc/kemari|etc/systemd/system)/')"
 
@@ -43,7 +43,7 @@ expect "nothing outside the expected folders" test -z "$(cd "$d" && find . -type
 # that it is executable; Documentation= man pages looked up in the installed tree)
 if command -v systemd-analyze >/dev/null 2>&1; then
   mkdir -p "$tmp/unit"
-  sed "s|^ExecStart=/usr/local/sbin/kemarid|ExecStart=$d/usr/local/sbin/kemarid|" "$d/etc/systemd/system/kemarid.service" >"$tmp/unit/kemarid.service"
+  sed "s|^ExecStart=/usr/local/bin/kemarid|ExecStart=$d/usr/local/bin/kemarid|" "$d/etc/systemd/system/kemarid.service" >"$tmp/unit/kemarid.service"
   v=$(MANPATH="$d/usr/local/share/man" systemd-analyze verify "$tmp/unit/kemarid.service" 2>&1)
   expect "systemd-analyze verify: status 0" test $? = 0
   expect "systemd-analyze verify: no diagnostics ($v)" test -z "$v"
@@ -82,7 +82,7 @@ expect "nothing half-installed" test "$(cd "$d2" && find . -type f | wc -l)" = 1
 d3=$tmp/d3
 expect "install --prefix /opt/kemari" inst --destdir "$d3" --prefix /opt/kemari
 expect "kemari under the prefix" test -x "$d3/opt/kemari/bin/kemari"
-expect "unit follows the prefix" grep -qx 'ExecStart=/opt/kemari/sbin/kemarid' "$d3/etc/systemd/system/kemarid.service"
+expect "unit follows the prefix" grep -qx 'ExecStart=/opt/kemari/bin/kemarid' "$d3/etc/systemd/system/kemarid.service"
 expect "configuration stays in /etc" test -f "$d3/etc/kemari/kemarid.conf"
 expect "relative prefix refused" bash -c "! '$repo/scripts/install' --no-build --bin-dir '$tmp/bin' --destdir '$d3' --prefix opt >/dev/null 2>&1"
 expect "unknown argument refused" bash -c "! '$repo/scripts/install' --frobnicate >/dev/null 2>&1"
