@@ -21,6 +21,8 @@ use kemarid::{domconfig, xlsave};
 mod attach_cmd;
 #[path = "kemari/commit_cmd.rs"]
 mod commit_cmd;
+#[path = "kemari/fence_cmd.rs"]
+mod fence_cmd;
 #[path = "kemari/sync_cmd.rs"]
 mod sync_cmd;
 

@@ -11,9 +11,11 @@
 //! requests that were in flight at the checkpoint; writes are idempotent.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use hypervisor::{DomId, Hypervisor, HypervisorError};
-use xenbus_backend::{Vbd, VbdConfig, VbdError};
+use xenbus_backend::{Vbd, VbdConfig, VbdError, VbdStats, VbdStatus};
 
 use crate::sync::disk_apply::ReplicaDisk;
 
@@ -50,6 +52,59 @@ pub enum FailoverDiskError {
         #[source]
         source: VbdError,
     },
+    /// Serving the device failed (a dom0-side error: xenstore, event channels).
+    #[error("domain {domid}: serving its disk after the failover: {source}")]
+    Serve {
+        /// The guest.
+        domid: DomId,
+        /// Why.
+        #[source]
+        source: VbdError,
+    },
+}
+
+/// How [`serve`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum ServeEnd {
+    /// The guest is gone; the device was closed and its nodes removed.
+    Gone,
+    /// Stopped (SIGTERM); the device was closed and its nodes removed.
+    Stopped,
+    /// Handed over for a takeover (`kemari protect`): the device's nodes, the guest's ring and
+    /// its connected frontend are left as they are; only this backend's port and ring mapping
+    /// are gone. Every request taken had been answered (requests are served synchronously).
+    HandedOver,
+}
+
+/// Serves the guest's disk after a failover until the guest is gone, `stop` is set, or
+/// `handover` is set (checked every 200 ms); returns how it ended and the device's counters.
+pub fn serve(
+    mut vbd: Vbd<'_>,
+    stop: &AtomicBool,
+    handover: &AtomicBool,
+) -> Result<(ServeEnd, VbdStats), FailoverDiskError> {
+    let domid = vbd.paths().domid;
+    let err = |source| FailoverDiskError::Serve { domid, source };
+    let end = loop {
+        if handover.load(Ordering::SeqCst) {
+            break ServeEnd::HandedOver;
+        }
+        if stop.load(Ordering::SeqCst) {
+            break ServeEnd::Stopped;
+        }
+        if vbd.poll(Some(Duration::from_millis(200))).map_err(err)? == VbdStatus::Gone {
+            break ServeEnd::Gone;
+        }
+    };
+    let stats = vbd.stats().clone();
+    if end == ServeEnd::HandedOver {
+        // nothing held (no output gate here) and nothing in flight: dropping the device only
+        // unbinds its port, unmaps the ring and removes its (empty) journal
+        drop(vbd);
+    } else {
+        vbd.shutdown().map_err(err)?;
+    }
+    Ok((end, stats))
 }
 
 /// Creates the block device of `disk` for the paused, restored guest `domid` (frontend and
@@ -149,6 +204,20 @@ mod tests {
             Some(disk.path.display().to_string())
         );
         // blkfront_resume -> talk_to_blkback: a new ring, event channel, state Initialised
+        connect_front(&xen, d, &front);
+        let st = vbd.poll(Some(Duration::ZERO)).unwrap();
+        assert_eq!(
+            st,
+            VbdStatus::Active(BackendState::Xenbus(XenbusState::Connected))
+        );
+        assert_eq!(read(&gxs, &format!("{back}/state")).as_deref(), Some("4"));
+        vbd.shutdown().unwrap();
+        assert_eq!(read(&gxs, &format!("{front}/backend")), None);
+    }
+
+    /// The frontend side of a resumed blkfront: a ring page, a channel, state Initialised.
+    fn connect_front(xen: &MemXen, d: DomId, front: &str) {
+        let gxs = xen.guest(d).xenstore().unwrap();
         let g = xen.guest(d);
         g.fill_page(10, 0).unwrap();
         let gref = g.grant_access(0, 10, false).unwrap();
@@ -164,13 +233,51 @@ mod tests {
             gxs.write(Tx::NONE, &format!("{front}/{k}"), v.as_bytes())
                 .unwrap();
         }
-        let st = vbd.poll(Some(Duration::ZERO)).unwrap();
-        assert_eq!(
-            st,
-            VbdStatus::Active(BackendState::Xenbus(XenbusState::Connected))
-        );
+    }
+
+    /// A hand-over leaves the device's nodes and the connected frontend for a takeover (the
+    /// `Attached` state), a stop removes them.
+    #[test]
+    fn handover_leaves_the_device_for_a_takeover_stop_removes_it() {
+        let xen = MemXen::new();
+        let d = xen.create_domain(DomainConfig::pvh(64)).unwrap();
+        xen.pause(d).unwrap();
+        let front = format!("/local/domain/{d}/device/vbd/51712");
+        let gxs = xen.guest(d).xenstore().unwrap();
+        let disk = ReplicaDisk {
+            devid: 51712,
+            path: copy("handover.img"),
+        };
+        let mut vbd = serve_and_unpause(&xen, d, &disk, None).unwrap();
+        connect_front(&xen, d, &front);
+        vbd.poll(Some(Duration::ZERO)).unwrap();
+        let back = read(&gxs, &format!("{front}/backend")).unwrap();
         assert_eq!(read(&gxs, &format!("{back}/state")).as_deref(), Some("4"));
-        vbd.shutdown().unwrap();
+        let (no, yes) = (AtomicBool::new(false), AtomicBool::new(true));
+        let (end, _) = serve(vbd, &no, &yes).unwrap();
+        assert_eq!(end, ServeEnd::HandedOver);
+        assert_eq!(read(&gxs, &format!("{front}/backend")), Some(back.clone()));
+        assert_eq!(read(&gxs, &format!("{front}/state")).as_deref(), Some("3"));
+        assert_eq!(read(&gxs, &format!("{back}/state")).as_deref(), Some("4"));
+        // kemari protect takes it over
+        let config = VbdConfig {
+            domid: d,
+            devid: 51712,
+            backend_domid: 0,
+            image: disk.path.clone(),
+            readonly: false,
+            journal_dir: None,
+        };
+        // the frontend's view of a connected device (it wrote Initialised, the backend Connected)
+        gxs.write(Tx::NONE, &format!("{front}/state"), b"4")
+            .unwrap();
+        let xs = xen.open_xenstore().unwrap();
+        let ev = xen.open_event_channels().unwrap();
+        let taken = Vbd::attach(&xen, xs, ev, &config).unwrap();
+        assert_eq!(taken.state(), BackendState::Attached);
+        // a stop closes the device and removes its nodes
+        let (end, _) = serve(taken, &yes, &no).unwrap();
+        assert_eq!(end, ServeEnd::Stopped);
         assert_eq!(read(&gxs, &format!("{front}/backend")), None);
     }
 

@@ -416,6 +416,9 @@ pub enum Role {
 /// Called once when the peer becomes dead.
 pub type OnDead = Box<dyn FnOnce(PeerState) + Send>;
 
+/// Called after each ping a pinger sends.
+pub type OnPing = Box<dyn Fn() + Send>;
+
 struct Shared {
     monitor: Mutex<Monitor>,
     clock: Arc<dyn Clock>,
@@ -460,6 +463,20 @@ impl Heartbeat {
         clock: Arc<dyn Clock>,
         on_dead: OnDead,
     ) -> Result<Heartbeat, HeartbeatError> {
+        Heartbeat::spawn_with_ping_hook(socket, role, cfg, clock, on_dead, None)
+    }
+
+    /// As [`spawn`](Self::spawn), calling `on_ping` on the heartbeat's thread right after each
+    /// ping is sent (the fencing guard's tick: its guardian hears the primary exactly as long
+    /// as the secondary does).
+    pub fn spawn_with_ping_hook(
+        socket: UdpSocket,
+        role: Role,
+        cfg: HeartbeatConfig,
+        clock: Arc<dyn Clock>,
+        on_dead: OnDead,
+        on_ping: Option<OnPing>,
+    ) -> Result<Heartbeat, HeartbeatError> {
         let monitor = Monitor::new(cfg, clock.now())?;
         // Wake up four times per period: a miss is noticed within a quarter period.
         let tick = (cfg.period / 4).max(Duration::from_millis(1));
@@ -475,7 +492,7 @@ impl Heartbeat {
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("heartbeat".into())
-            .spawn(move || run(thread_socket, role, cfg, thread_shared, on_dead))
+            .spawn(move || run(thread_socket, role, cfg, thread_shared, on_dead, on_ping))
             .map_err(io_err("starting the heartbeat thread"))?;
         Ok(Heartbeat {
             shared,
@@ -553,7 +570,14 @@ impl Drop for Heartbeat {
     }
 }
 
-fn run(socket: UdpSocket, role: Role, cfg: HeartbeatConfig, shared: Arc<Shared>, on_dead: OnDead) {
+fn run(
+    socket: UdpSocket,
+    role: Role,
+    cfg: HeartbeatConfig,
+    shared: Arc<Shared>,
+    on_dead: OnDead,
+    on_ping: Option<OnPing>,
+) {
     let mut on_dead = Some(on_dead);
     let mut next_ping = shared.clock.now();
     let mut seq = 0u64;
@@ -571,6 +595,9 @@ fn run(socket: UdpSocket, role: Role, cfg: HeartbeatConfig, shared: Arc<Shared>,
                 if let Err(e) = socket.send_to(&beat.encode(), peer) {
                     // Unreachable peers show up as misses; say it once per burst only.
                     log::debug!("heartbeat: sending ping {seq} to {peer}: {e}");
+                }
+                if let Some(f) = &on_ping {
+                    f();
                 }
                 next_ping = now.saturating_add(cfg.period);
             }
@@ -855,12 +882,17 @@ mod tests {
                 Box::new(move |s| d.lock().unwrap().push(s)),
             )
             .unwrap();
-            let pinger = Heartbeat::spawn(
+            let pings = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let p = pings.clone();
+            let pinger = Heartbeat::spawn_with_ping_hook(
                 UdpSocket::bind("127.0.0.1:0").unwrap(),
                 Role::Pinger { peer: raddr },
                 c,
                 Arc::new(SystemClock::new()),
                 Box::new(|_| {}),
+                Some(Box::new(move || {
+                    p.fetch_add(1, Ordering::SeqCst);
+                })),
             )
             .unwrap();
             let start = Instant::now();
@@ -876,8 +908,12 @@ mod tests {
                 .unwrap()
                 .send_to(b"hello", raddr)
                 .unwrap();
+            // the ping hook ran once per ping sent, and stops with the pinger
+            assert!(pings.load(Ordering::SeqCst) >= 1);
             pinger.stop(bye);
+            let after_stop = pings.load(Ordering::SeqCst);
             let end = responder.wait_final(Duration::from_secs(10));
+            assert_eq!(pings.load(Ordering::SeqCst), after_stop);
             if bye {
                 assert_eq!(end, PeerState::Ended);
                 std::thread::sleep(MS * 50);

@@ -15,7 +15,9 @@ use kemari_stream::Limits;
 
 use super::resume::write_image;
 use crate::sync::image::read_image;
-use crate::sync::receiver::{read_staged, Receiver, ReceiverOptions, STAGED_FILE};
+use crate::sync::receiver::{
+    read_staged, ReceiveFailure, Receiver, ReceiverOptions, Session, STAGED_FILE,
+};
 use crate::sync::replica::MemReplicaBuilder;
 use crate::sync::sender::{
     AckInfo, AfterAck, CheckpointHook, Quiesce, Release, Sender, SenderOptions,
@@ -111,8 +113,22 @@ impl CheckpointHook for Check<'_> {
     }
 }
 
-#[test]
-fn suspend_checkpoints_and_failover_image() {
+/// Both ends of an end-to-end test: a primary with a PVH guest of [`PAGES`] pages that writes
+/// and suspends when asked ([`guest`], in a thread), and a receiver on the secondary (in a
+/// thread) spooling into a fresh folder named after `tag`.
+struct Pair {
+    primary: MemXen,
+    dom: DomId,
+    secondary: MemXen,
+    addr: std::net::SocketAddr,
+    spool: std::path::PathBuf,
+    rx: std::thread::JoinHandle<Result<Session, ReceiveFailure>>,
+    stop: Arc<AtomicBool>,
+    suspends: Arc<AtomicU64>,
+    guest: std::thread::JoinHandle<()>,
+}
+
+fn pair(tag: &str) -> Pair {
     let primary = MemXen::new();
     let mut cfg = DomainConfig::pvh(PAGES);
     cfg.hvm_context = Some(context(0));
@@ -120,13 +136,14 @@ fn suspend_checkpoints_and_failover_image() {
     let secondary = MemXen::new();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let spool = std::env::temp_dir().join(format!("kemari-failover-test-{}", std::process::id()));
+    let spool = std::env::temp_dir().join(format!("kemari-failover-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&spool);
     let (sx, sp) = (secondary.clone(), spool.clone());
     let rx = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
         let builder = MemReplicaBuilder::new(sx.clone());
-        Receiver::new(
+        // a local, dropped before `builder` (a temporary at the block's end would outlive it)
+        let receiver = Receiver::new(
             &sx,
             &builder,
             ReceiverOptions {
@@ -135,16 +152,41 @@ fn suspend_checkpoints_and_failover_image() {
                 limits: Limits::default(),
                 idle_timeout: Some(Duration::from_secs(60)),
             },
-        )
-        .serve(stream)
+        );
+        receiver.serve(stream)
     });
-
     let stop = Arc::new(AtomicBool::new(false));
     let suspends = Arc::new(AtomicU64::new(0));
-    let g = {
+    let guest = {
         let (x, s, n) = (primary.clone(), stop.clone(), suspends.clone());
         std::thread::spawn(move || guest(&x, dom, s, n))
     };
+    Pair {
+        primary,
+        dom,
+        secondary,
+        addr,
+        spool,
+        rx,
+        stop,
+        suspends,
+        guest,
+    }
+}
+
+#[test]
+fn suspend_checkpoints_and_failover_image() {
+    let Pair {
+        primary,
+        dom,
+        secondary,
+        addr,
+        spool,
+        rx,
+        stop,
+        suspends,
+        guest: g,
+    } = pair("test");
     let opts = SenderOptions {
         ack_timeout: Duration::from_secs(20),
         initial_ack_timeout: Duration::from_secs(20),
@@ -241,37 +283,17 @@ fn a_guest_that_does_not_suspend_ends_protection_running() {
 #[test]
 fn held_suspend_checkpoint_leaves_the_guest_paused_not_suspended() {
     use crate::sync::sender::CountHook;
-    let primary = MemXen::new();
-    let mut cfg = DomainConfig::pvh(PAGES);
-    cfg.hvm_context = Some(context(0));
-    let dom = primary.create_domain(cfg).unwrap();
-    let secondary = MemXen::new();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let spool = std::env::temp_dir().join(format!("kemari-failover-hold-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&spool);
-    let (sx, sp) = (secondary.clone(), spool.clone());
-    let rx = std::thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
-        let builder = MemReplicaBuilder::new(sx.clone());
-        Receiver::new(
-            &sx,
-            &builder,
-            ReceiverOptions {
-                spool_dir: sp,
-                name: None,
-                limits: Limits::default(),
-                idle_timeout: Some(Duration::from_secs(60)),
-            },
-        )
-        .serve(stream)
-    });
-    let stop = Arc::new(AtomicBool::new(false));
-    let suspends = Arc::new(AtomicU64::new(0));
-    let g = {
-        let (x, s, n) = (primary.clone(), stop.clone(), suspends.clone());
-        std::thread::spawn(move || guest(&x, dom, s, n))
-    };
+    let Pair {
+        primary,
+        dom,
+        secondary,
+        addr,
+        spool,
+        rx,
+        stop,
+        guest: g,
+        ..
+    } = pair("hold");
     let mut tx = Sender::new(
         &primary,
         dom,

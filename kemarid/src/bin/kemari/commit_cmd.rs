@@ -42,6 +42,11 @@ pub struct CommitArgs {
     /// instruction on; the initial copy is then of a paused guest).
     #[arg(long)]
     pub unpause: bool,
+    /// Take the disk device over from the process serving it now instead of creating it
+    /// (Kemari's `Attached` state: its live ring and in-flight journal, no handshake): set by
+    /// `kemari protect` for a guest that a failover left running here.
+    #[arg(skip)]
+    pub takeover: bool,
     /// Append one line per ACK, shipped disk log and released request to FILE (`T ack seq=A`,
     /// `T ship seq=E entries=N first=F`, `T release dev=D id=I op=O epoch=E acked=A
     /// delay_us=U`).
@@ -205,6 +210,7 @@ impl DiskService {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<String>>();
         let (g, s, vdev) = (gate.clone(), stop.clone(), args.vdev.clone());
+        let takeover = args.takeover;
         let handle = std::thread::Builder::new()
             .name("blkback".into())
             .spawn(move || -> anyhow::Result<(VbdStatus, VbdStats)> {
@@ -235,9 +241,17 @@ impl DiskService {
                     .and_then(|xs| hv.open_event_channels().map(|ev| (xs, ev)))
                     .map_err(anyhow::Error::from)
                     .and_then(|(xs, ev)| {
-                        Vbd::create(hv, xs, ev, &config).map_err(anyhow::Error::from)
+                        if takeover {
+                            Vbd::attach(hv, xs, ev, &config)
+                        } else {
+                            Vbd::create(hv, xs, ev, &config)
+                        }
+                        .map_err(anyhow::Error::from)
                     })
-                    .with_context(|| format!("creating {vdev} for domain {domid}"));
+                    .with_context(|| {
+                        let what = if takeover { "taking over" } else { "creating" };
+                        format!("{what} {vdev} for domain {domid}")
+                    });
                 let mut vbd = match created {
                     Ok(v) => v,
                     Err(e) => {

@@ -36,6 +36,16 @@ pub enum SyncCommand {
     /// ACK checkpoints until the stream ends. The replica is left paused; the staged CPU/device
     /// state of the last checkpoint is in DIR/staged.kemari (see `kemari debug staged-context`).
     Receive(ReceiveArgs),
+    /// Protect again a guest that runs here after a failover (same options as replicate):
+    /// with --disk, its disk device, still served by `kemari receive` after the failover, is
+    /// taken over (Kemari's `Attached` state: the live ring and in-flight journal, no
+    /// handshake) and put under output commit. Before it: `xl pause GUEST`, SIGUSR1 to that
+    /// `kemari receive` (it hands the disk over), and the disk copied to the new secondary;
+    /// give --unpause. A full initial sync follows (docs/failover.md, re-protection).
+    Protect(ReplicateArgs),
+    /// The fencing guardian `kemari replicate` starts (internal).
+    #[command(hide = true)]
+    FenceGuard(crate::fence_cmd::FenceGuardArgs),
 }
 
 /// Arguments of `kemari replicate`.
@@ -77,6 +87,11 @@ pub struct ReplicateArgs {
     pub heartbeat_port: Option<u16>,
     #[command(flatten)]
     pub heartbeat: HeartbeatArgs,
+    /// Do not start the fence guard. With --heartbeat-port a guardian process pauses and
+    /// destroys the guest if this process dies or hangs while protection is on, before the
+    /// secondary (which then hears no heartbeat) resumes its copy (docs/failover.md).
+    #[arg(long)]
+    pub no_fence: bool,
     /// Output commit: the guest's disk served here (--disk, --vdev, --unpause, --commit-log).
     #[command(flatten)]
     pub commit: crate::commit_cmd::CommitArgs,
@@ -216,6 +231,20 @@ pub fn run(cmd: SyncCommand, json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
         SyncCommand::Replicate(a) => replicate(a, json),
         SyncCommand::Receive(a) => receive(a, json),
+        SyncCommand::FenceGuard(a) => crate::fence_cmd::run_guard(a),
+        SyncCommand::Protect(mut a) => {
+            if a.commit.disk.is_some() {
+                let host = open_host()?;
+                let domid = kemarid::debug::resolve_domain(&host, &a.domain)?;
+                let info = host.domain_info(domid)?;
+                anyhow::ensure!(
+                    info.paused,
+                    "kemari protect: domain {domid} runs: pause it (xl pause) before taking its disk over, so that the copy on the new secondary equals it"
+                );
+                a.commit.takeover = true;
+            }
+            replicate(a, json)
+        }
     }
 }
 
@@ -263,9 +292,22 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
             }
         });
     }
+    // lab kill windows (KEMARI_DEBUG_FAILPOINT, kemarid::failover::failpoint); off by default
+    let mut failpoint = kemarid::failover::failpoint::FailPoint::from_env()?;
+    let fence = match (a.heartbeat_port, a.no_fence) {
+        (Some(_), false) => Some(crate::fence_cmd::start(domid, &a.heartbeat.config())?),
+        _ => None,
+    };
+    let fence = crate::fence_cmd::DisarmOnReturn(fence);
     let heartbeat = match a.heartbeat_port {
         None => None,
-        Some(port) => Some(start_pinger(&a.target, port, a.heartbeat, &stream)?),
+        Some(port) => Some(start_pinger(
+            &a.target,
+            port,
+            a.heartbeat,
+            &stream,
+            fence.0.clone(),
+        )?),
     };
     let disk = crate::commit_cmd::DiskService::start(domid, &a.commit, &triggers, &usr1)?;
     crate::commit_cmd::hold_on_usr1(usr1.clone(), triggers.clone())?;
@@ -289,12 +331,15 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
     }
     let start = Instant::now();
     let lost = |what: &str, e: &dyn std::fmt::Display, hb: Option<Heartbeat>| {
-        let cause = match hb.as_ref().map(Heartbeat::state) {
-            Some(PeerState::Dead(c)) => format!("heartbeat: {c:?}"),
-            _ => format!("stream: {e}"),
+        let (cause, dead) = match hb.as_ref().map(Heartbeat::state) {
+            Some(PeerState::Dead(c)) => (format!("heartbeat: {c:?}"), true),
+            _ => (format!("stream: {e}"), false),
         };
+        // The guest keeps running here: no fencing; a secondary that still answers is told
+        // goodbye, or it would resume a second copy once this process is gone.
+        fence.disarm();
         if let Some(hb) = hb {
-            hb.stop(false);
+            hb.stop(!dead);
         }
         log::error!("secondary lost {what}: {cause}");
         eprintln!(
@@ -302,6 +347,9 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
         );
     };
     let init = tx.initial_sync(&config, &mut |p| {
+        if let Some(fp) = failpoint.as_mut() {
+            fp.initial_progress();
+        }
         eprintln!(
             "initial sync: round {} sent {} pages (total {}, {} holes), {} dirty after it ({:.0} pages/s){}",
             p.round,
@@ -334,6 +382,10 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
         end_disk(disk);
         return Ok(ExitCode::FAILURE);
     }
+    if let Some(g) = &fence.0 {
+        g.arm().context("arming the fence guard")?;
+        eprintln!("kemari replicate: fence guard armed");
+    }
     crate::commit_cmd::unpause_if_asked(&a.commit, hv, domid)?;
     if suspend_after_unpause {
         eprintln!("kemari replicate: the initial image of paused domain {domid} was taken paused; checkpoints at suspend points from now on");
@@ -357,6 +409,9 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
             gate: d.gate.clone(),
         });
     }
+    if let Some(fp) = failpoint.take() {
+        hook = fp.hook(hook);
+    }
     let protect_start = Instant::now();
     let out = match tx.protect(&triggers, &mut *hook) {
         Ok(o) => o,
@@ -375,6 +430,7 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
     };
     let secs = protect_start.elapsed().as_secs_f64();
     drop(tx);
+    fence.disarm();
     if let Some(hb) = heartbeat {
         // Protection ended on purpose: tell the secondary not to fail over.
         hb.stop(true);
@@ -464,6 +520,7 @@ fn start_pinger(
     port: u16,
     hb: HeartbeatArgs,
     stream: &TcpStream,
+    fence: Option<crate::fence_cmd::SharedGuard>,
 ) -> anyhow::Result<Heartbeat> {
     let mut peer = stream
         .peer_addr()
@@ -479,7 +536,7 @@ fn start_pinger(
         .try_clone()
         .context("cloning the connection for the heartbeat")?;
     let cfg = hb.config();
-    let heartbeat = Heartbeat::spawn(
+    let heartbeat = Heartbeat::spawn_with_ping_hook(
         socket,
         Role::Pinger { peer },
         cfg,
@@ -490,6 +547,8 @@ fn start_pinger(
                 log::warn!("shutting the data stream down: {e}");
             }
         }),
+        // the fence guard hears this process exactly as long as the secondary does
+        fence.map(|g| Box::new(move || g.tick()) as Box<dyn Fn() + Send>),
     )?;
     eprintln!(
         "kemari replicate: heartbeat to {peer} every {} ms, dead after {} misses ({} ms)",
@@ -560,7 +619,12 @@ fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
                     a.heartbeat.config(),
                     Arc::new(SystemClock::new()),
                     Box::new(move |state| {
-                        eprintln!("kemari receive: heartbeat: primary {peer} is dead ({state:?})");
+                        // unix time: the lab orders it against the primary's fence guard
+                        let at = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs_f64())
+                            .unwrap_or(0.0);
+                        eprintln!("kemari receive: heartbeat: primary {peer} is dead ({state:?}) at {at:.3} (unix time)");
                         // Unblock the receiver: the replica stays at the last ACKed checkpoint.
                         if let Err(e) = data.shutdown(std::net::Shutdown::Both) {
                             log::warn!("shutting the data stream down: {e}");
@@ -583,7 +647,11 @@ fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
                     hb.stream_lost();
                     hb.wait_final(cfg.detection_time() + cfg.period)
                 } else {
-                    hb.state()
+                    // A clean end between frames is a deliberate stop only if the primary
+                    // says goodbye (right after closing the stream); a primary whose process
+                    // died closes the stream too, and then falls silent: its guest was fenced
+                    // there (docs/failover.md), so this is a failover.
+                    hb.wait_final(cfg.detection_time() + cfg.period)
                 };
                 match (state, session.replica) {
                     (PeerState::Dead(cause), Some(replica)) if session.acked.is_some() => {
@@ -594,7 +662,8 @@ fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
                         Some(fail_over(&a, host.as_ref(), &rx, replica, hb)?)
                     }
                     (PeerState::Dead(cause), _) => {
-                        eprintln!("kemari receive: primary dead ({cause:?}) before the initial sync completed: nothing to fail over to");
+                        eprintln!("kemari receive: primary dead ({cause:?}) before the initial sync completed: REFUSING FAILOVER, no consistent replica exists on this host (the guest is lost with its host)");
+                        log::error!("failover refused: the primary died during the initial sync");
                         None
                     }
                     (state, _) => {
@@ -657,22 +726,47 @@ fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
 /// `--failover --disk`: SIGINT/SIGTERM blocked in this thread (and the threads it starts); a
 /// watcher sets the returned flag once the disk is served after a failover, and ends the process
 /// (status 143) before that.
-fn failover_signals(
-) -> anyhow::Result<Arc<(std::sync::atomic::AtomicBool, std::sync::atomic::AtomicBool)>> {
+///
+/// SIGUSR1 while the disk is served after a failover hands the disk over (`kemari protect`
+/// takes it over, docs/failover.md): serving stops, the device's nodes, the guest's ring and
+/// its connected frontend stay as they are; before that SIGUSR1 is ignored.
+fn failover_signals() -> anyhow::Result<
+    Arc<(
+        std::sync::atomic::AtomicBool,
+        std::sync::atomic::AtomicBool,
+        std::sync::atomic::AtomicBool,
+    )>,
+> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
+    set.add(Signal::SIGUSR1);
     set.thread_block()
-        .context("blocking SIGINT/SIGTERM for the failover disk")?;
-    // (serving the disk, stop asked)
-    let flags = Arc::new((AtomicBool::new(false), AtomicBool::new(false)));
+        .context("blocking SIGINT/SIGTERM/SIGUSR1 for the failover disk")?;
+    // (serving the disk, stop asked, hand over asked)
+    let flags = Arc::new((
+        AtomicBool::new(false),
+        AtomicBool::new(false),
+        AtomicBool::new(false),
+    ));
     let f = flags.clone();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            if let Ok(sig) = set.wait() {
-                if f.0.load(Ordering::SeqCst) {
+            while let Ok(sig) = set.wait() {
+                let serving = f.0.load(Ordering::SeqCst);
+                if sig == Signal::SIGUSR1 {
+                    if serving {
+                        eprintln!(
+                            "kemari receive: SIGUSR1 received, handing the guest's disk over"
+                        );
+                        f.2.store(true, Ordering::SeqCst);
+                        f.1.store(true, Ordering::SeqCst);
+                    } else {
+                        eprintln!("kemari receive: SIGUSR1 ignored: no disk is served yet");
+                    }
+                } else if serving {
                     eprintln!("kemari receive: {sig} received, closing the guest's disk");
                     f.1.store(true, Ordering::SeqCst);
                 } else {
@@ -688,8 +782,12 @@ fn failover_signals(
 /// After a failover with `--disk`: serves the guest's disk until the guest is gone or
 /// SIGINT/SIGTERM, then prints the disk's counters (with --json a second JSON line).
 fn serve_failover_disk(
-    mut vbd: xenbus_backend::Vbd<'_>,
-    flags: &Arc<(std::sync::atomic::AtomicBool, std::sync::atomic::AtomicBool)>,
+    vbd: xenbus_backend::Vbd<'_>,
+    flags: &Arc<(
+        std::sync::atomic::AtomicBool,
+        std::sync::atomic::AtomicBool,
+        std::sync::atomic::AtomicBool,
+    )>,
     vdev: &str,
     json: bool,
 ) -> anyhow::Result<()> {
@@ -701,17 +799,20 @@ fn serve_failover_disk(
         vbd.paths().backend
     );
     let start = Instant::now();
-    let status = vbd
-        .run(&flags.1)
-        .context("serving the disk after the failover")?;
-    let s = vbd.stats().clone();
+    let (end, s) = kemarid::failover::disk::serve(vbd, &flags.1, &flags.2)?;
+    if end == kemarid::failover::disk::ServeEnd::HandedOver {
+        eprintln!(
+            "kemari receive: domain {domid}'s {vdev} handed over: its device and ring are left for `kemari protect` to take over"
+        );
+    }
+    let status = format!("{end:?}");
     let secs = start.elapsed().as_secs_f64();
     if json {
         print_json(&serde_json::json!({
             "disk": {
                 "device": vdev,
                 "domid": domid,
-                "status": format!("{status:?}"),
+                "status": status,
                 "seconds": secs,
                 "requests": s.requests,
                 "read_bytes": s.read_bytes,
@@ -723,7 +824,7 @@ fn serve_failover_disk(
         }))?;
     } else {
         println!(
-            "kemari receive: disk {vdev} of domain {domid}: {status:?}; {} requests answered in {secs:.1} s, {} MiB read, {} MiB written, {} flushes, {} errors",
+            "kemari receive: disk {vdev} of domain {domid}: {status}; {} requests answered in {secs:.1} s, {} MiB read, {} MiB written, {} flushes, {} errors",
             s.requests,
             s.read_bytes >> 20,
             s.write_bytes >> 20,
@@ -816,9 +917,14 @@ fn fail_over<'h>(
         report.seq
     );
     eprintln!("kemari receive: this host is now PRIMARY WITHOUT PROTECTION for {name}");
+    log::warn!(
+        "role: primary, unprotected: guest {name} runs here as domain {}; `kemari protect` protects it again",
+        report.domid
+    );
     Ok((
         serde_json::json!({
             "host": this_host(),
+            "role": "primary, unprotected",
             "name": name,
             "report": report,
             "method": format!("{:?}", a.failover_method),
