@@ -196,9 +196,6 @@ pub struct StartOptions {
     /// Missed heartbeats before the peer is dead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_misses: Option<u32>,
-    /// Fail over automatically when the primary dies (secondary; default true).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub auto_failover: Option<bool>,
 }
 
 /// A request (the `op` field selects the variant).
@@ -346,6 +343,12 @@ pub struct HelloInfo {
     pub mode: String,
     /// Process id of the daemon.
     pub pid: u32,
+    /// The address of its peer port (absent when off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_listen: Option<String>,
+    /// The address of its metrics endpoint (absent when off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
 }
 
 /// Answer to `status`.

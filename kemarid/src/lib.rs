@@ -5,6 +5,7 @@
 //! (`scripts/lab test ffi`).
 
 pub mod api;
+pub mod daemon;
 pub mod debug;
 pub mod domconfig;
 pub mod failover;

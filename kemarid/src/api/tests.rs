@@ -122,6 +122,8 @@ fn replies_and_events_round_trip() {
             host: "h".into(),
             mode: "mem".into(),
             pid: 1,
+            peer_listen: Some("127.0.0.1:7200".into()),
+            metrics_listen: None,
         }),
         Reply::Status(StatusReply {
             host: "h".into(),

@@ -318,7 +318,11 @@ pub struct Receiver<'a> {
     builder: &'a dyn ReplicaBuilder,
     opts: ReceiverOptions,
     disks: Vec<ReplicaDisk>,
+    observer: Option<std::sync::Mutex<SessionObserver<'a>>>,
 }
+
+/// Called with the session's figures when the replica is built and after every ACK.
+pub type SessionObserver<'a> = Box<dyn FnMut(&Session) + Send + 'a>;
 
 impl std::fmt::Debug for Receiver<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -340,6 +344,21 @@ impl<'a> Receiver<'a> {
             builder,
             opts,
             disks: Vec::new(),
+            observer: None,
+        }
+    }
+
+    /// Calls `observer` with the session's figures when the replica is built and after every
+    /// ACK (the daemon's status).
+    pub fn with_observer(mut self, observer: SessionObserver<'a>) -> Receiver<'a> {
+        self.observer = Some(std::sync::Mutex::new(observer));
+        self
+    }
+
+    fn observe(&self, session: &Session) {
+        if let Some(o) = &self.observer {
+            let mut f = o.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            f(session);
         }
     }
 
@@ -427,6 +446,7 @@ impl<'a> Receiver<'a> {
         };
         let domid = self.builder.create_paused(&image_path, &name)?;
         session.replica = Some(domid);
+        self.observe(session);
         let xen = |step, source| ReceiveError::Xen {
             domid,
             step,
@@ -458,6 +478,7 @@ impl<'a> Receiver<'a> {
             .write(&mut replies)
             .map_err(|source| ReceiveError::Reply { seq: 0, source })?;
         session.acked = Some(0);
+        self.observe(session);
 
         let reader = CheckpointReader::new(self.opts.limits);
         let mut seq = 1u64;
@@ -495,6 +516,7 @@ impl<'a> Receiver<'a> {
                 .write(&mut replies)
                 .map_err(|source| ReceiveError::Reply { seq, source })?;
             session.acked = Some(seq);
+            self.observe(session);
             seq += 1;
         }
     }

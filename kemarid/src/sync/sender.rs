@@ -355,6 +355,10 @@ impl Drop for Stopped<'_> {
     }
 }
 
+/// Called after every acknowledged checkpoint with its figures.
+pub type CheckpointObserver<'a> =
+    Box<dyn FnMut(&crate::daemon::report::CheckpointSample) + Send + 'a>;
+
 /// The primary's end of one protection connection.
 pub struct Sender<'a> {
     hv: &'a dyn Hypervisor,
@@ -371,6 +375,7 @@ pub struct Sender<'a> {
     stats: CheckpointStats,
     last_epoch: Instant,
     quiesce: Quiesce,
+    observer: Option<CheckpointObserver<'a>>,
 }
 
 impl std::fmt::Debug for Sender<'_> {
@@ -434,6 +439,7 @@ impl<'a> Sender<'a> {
             stats: CheckpointStats::default(),
             last_epoch: Instant::now(),
             quiesce: Quiesce::Pause,
+            observer: None,
         })
     }
 
@@ -448,6 +454,12 @@ impl<'a> Sender<'a> {
     /// Checkpoint figures so far.
     pub fn stats(&self) -> StatsSummary {
         self.stats.summary()
+    }
+
+    /// Called after every acknowledged checkpoint with its figures (the daemon's status and
+    /// metrics).
+    pub fn set_observer(&mut self, observer: CheckpointObserver<'a>) {
+        self.observer = Some(observer);
     }
 
     /// How the guest is stopped for the initial image's final round and every checkpoint
@@ -905,6 +917,16 @@ impl<'a> Sender<'a> {
             pause = t0.elapsed();
         }
         self.stats.record(pause, npages, bytes, ack_wait);
+        if let Some(observe) = self.observer.as_mut() {
+            observe(&crate::daemon::report::CheckpointSample {
+                seq,
+                pause,
+                latency: t0.elapsed(),
+                ack_wait,
+                pages: npages,
+                bytes: bytes as u64,
+            });
+        }
         Ok((action, left_paused))
     }
 
