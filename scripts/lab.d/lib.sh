@@ -79,14 +79,32 @@ lab_pick_port() {
 
 # Network: a star around host1. Host k (k >= 2) has one NIC whose socket connects to host1's
 # listening port P_k; host1 has one NIC per other host. dom0 bridges all NICs into xenbr0.
-lab_start_qemu() { # HOST  (ports in LAB_PORT[k])
+# With LAB_NET_MODE=udp (set before lab_boot_hosts) each link is a pair of UDP sockets instead
+# (QEMU's socket netdev, udp=/localaddr=): connectionless, so host1 can be killed and booted
+# again (lab_boot_host host1) while host2 keeps its network (a TCP link from host2 would be
+# closed for good). Ports in LAB_UPORT[k] = "P Q" (host1's end P, host k's end Q).
+lab_start_qemu() { # HOST  (ports in LAB_PORT[k] or LAB_UPORT[k])
   local h=$1 k d img args=() nic=0
   k=$(lab_host_index "$h")
   d=$(lab_host_dir "$h")
   img="$LAB_IMAGES"
   mkdir -p "$d/share/cmd" "$d/share/run" "$d/share/out" "$d/share/in" "$d/share/guests" "$d/share/xenlog/console"
   rm -f "$d/share/ready" "$d/serial.sock" "$d/monitor.sock"
-  if [ "$k" = 1 ]; then
+  if [ "$(cat "$LAB_RUN/.netmode" 2>/dev/null || echo tcp)" = udp ]; then
+    local j p q
+    if [ "$k" = 1 ]; then
+      for j in $(seq 2 "$LAB_NHOSTS"); do
+        read -r p q <<<"${LAB_UPORT[$j]}"
+        nic=$((nic + 1))
+        args+=(-netdev "socket,id=n$nic,udp=127.0.0.1:$q,localaddr=127.0.0.1:$p"
+          -device "virtio-net-pci,netdev=n$nic,mac=52:54:00:77:$(printf %02x "$k"):$(printf %02x "$nic")")
+      done
+    else
+      read -r p q <<<"${LAB_UPORT[$k]}"
+      args+=(-netdev "socket,id=n1,udp=127.0.0.1:$p,localaddr=127.0.0.1:$q"
+        -device "virtio-net-pci,netdev=n1,mac=52:54:00:77:$(printf %02x "$k"):01")
+    fi
+  elif [ "$k" = 1 ]; then
     local j
     for j in $(seq 2 "$LAB_NHOSTS"); do
       nic=$((nic + 1))
@@ -143,6 +161,13 @@ lab_boot_hosts() {
   local n=${1:-2} k h t0 need=()
   [ -n "${LAB_RUN:-}" ] || lab_die "lab_boot_hosts: no run folder (call via scripts/lab)"
   t0=$(lab_now)
+  # hosts booted with the other kind of links (LAB_NET_MODE) are restarted
+  local mode=${LAB_NET_MODE:-tcp}
+  if [ -s "$LAB_RUN/.nhosts" ] && [ "$(cat "$LAB_RUN/.netmode" 2>/dev/null || echo tcp)" != "$mode" ]; then
+    lab_say "links change to $mode: stopping all hosts"
+    lab_stop_all
+  fi
+  echo "$mode" >"$LAB_RUN/.netmode"
   # host1's NICs are made for the run's host count: asking for fewer hosts reuses the first n,
   # asking for more restarts everything with a bigger network
   if [ -s "$LAB_RUN/.nhosts" ]; then
@@ -164,6 +189,7 @@ lab_boot_hosts() {
   fi
   declare -gA LAB_PORT=()
   while read -r k p; do LAB_PORT[$k]=$p; done <"$LAB_RUN/.ports"
+  lab_load_uports "$n"
   for k in $(seq 1 "$n"); do
     h=host$k
     if lab_host_alive "$h" && [ -e "$(lab_host_dir "$h")/share/ready" ]; then
@@ -181,6 +207,7 @@ lab_boot_hosts() {
     [ "$h" = host1 ] || continue
     lab_start_qemu host1
     local _
+    [ "$mode" = udp ] && continue # nothing listens: host k's datagrams wait for no one
     for _ in $(seq 1 100); do
       local ok=1
       for k in $(seq 2 "$n"); do lab_port_free "${LAB_PORT[$k]}" && ok=0; done
@@ -220,8 +247,32 @@ lab_boot_host() {
   declare -gA LAB_PORT=()
   while read -r k p; do LAB_PORT[$k]=$p; done <"$LAB_RUN/.ports"
   LAB_NHOSTS=$(cat "$LAB_RUN/.nhosts")
+  lab_load_uports "$LAB_NHOSTS"
   lab_start_qemu "$h"
   lab_wait_ready "$h"
+}
+
+# lab_load_uports N: the UDP link ports of the run (LAB_UPORT[k] = "P Q", k = 2..N), picked
+# once per run ($LAB_RUN/.uports) among ports free for UDP on 127.0.0.1.
+lab_load_uports() {
+  local n=$1 k p q
+  if [ ! -s "$LAB_RUN/.uports" ] || [ "$(wc -l <"$LAB_RUN/.uports")" -lt $((n - 1)) ]; then
+    : >"$LAB_RUN/.uports"
+    for k in $(seq 2 "$n"); do
+      p=""
+      for _ in P Q; do
+        for _ in $(seq 1 200); do
+          q=$((20000 + RANDOM % 40000))
+          [ -z "$(ss -Huan "( sport = :$q )" 2>/dev/null)" ] && [ "$q" != "$p" ] &&
+            ! grep -qw "$q" "$LAB_RUN/.uports" && break
+        done
+        p="$p${p:+ }$q"
+      done
+      echo "$k $p" >>"$LAB_RUN/.uports"
+    done
+  fi
+  declare -gA LAB_UPORT=()
+  while read -r k p q; do LAB_UPORT[$k]="$p $q"; done <"$LAB_RUN/.uports"
 }
 
 lab_stop_all() {

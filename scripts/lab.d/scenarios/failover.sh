@@ -14,7 +14,21 @@
 #   FO_HB_MS, FO_HB_MISSES    heartbeat period and misses (default 500 ms x 6: TCG is slow)
 #   FO_INTERVAL_MS            maximum epoch (default 500)
 #   FO_PROTECT_S              seconds of protection before the kill (default 15)
-#   FO_KILL=host1|host2       whose power fails (host2: the primary must go on unprotected)
+#   FO_KILL=host1|host2|replicate  whose power fails (host2: the primary must go on
+#                             unprotected); replicate: only host1's `kemari replicate` is
+#                             SIGKILLed, host1 lives: its fence guard must pause/destroy the guest
+#                             before host2 declares the primary dead and resumes it (split-brain
+#                             guard, docs/failover.md); figures fence_seen_s, primary_dead_seen_s,
+#                             fence_lead_s (from the hosts' clocks)
+#   FO_KILL_AT=random|initial-sync|mid-checkpoint|between-ack-and-release|idle
+#                             when host1 dies (default random: after FO_PROTECT_S s of
+#                             protection). The others set KEMARI_DEBUG_FAILPOINT in kemari
+#                             replicate, which holds that point open (kemarid::failover::failpoint)
+#                             and writes a marker to host1's /share; the scenario kills host1
+#                             inside the window and prints the point it hit (figure kill_point).
+#                             initial-sync: host2 must refuse to fail over (no consistent replica:
+#                             the guest is lost with host1) and start nothing.
+#   FO_KILL_SEQ               the checkpoint at which the window opens (default 10)
 #   FO_DISK=0|1               the guest's disk under output commit (default 1): created paused
 #                             without a disk, `kemari replicate --disk IMG --unpause` serves it on
 #                             host1, `kemari receive --disk COPY` keeps host2's copy (made before
@@ -44,6 +58,13 @@ FO_HB_MISSES=${FO_HB_MISSES:-6}
 FO_INTERVAL_MS=${FO_INTERVAL_MS:-500}
 FO_PROTECT_S=${FO_PROTECT_S:-15}
 FO_KILL=${FO_KILL:-host1}
+FO_KILL_AT=${FO_KILL_AT:-random}
+FO_KILL_SEQ=${FO_KILL_SEQ:-10}
+case "$FO_KILL_AT" in
+  random | initial-sync | mid-checkpoint | between-ack-and-release | idle) ;;
+  *) lab_fail "FO_KILL_AT=$FO_KILL_AT: expected random, initial-sync, mid-checkpoint, between-ack-and-release or idle" ;;
+esac
+fo_marker="$(lab_host_dir host1)/share/failpoint"
 FO_PORT=${FO_PORT:-7300}
 FO_HB_PORT=${FO_HB_PORT:-7301}
 FO_DISK=${FO_DISK:-1}
@@ -86,14 +107,64 @@ else
 fi
 
 lab_step "kemari receive --failover on host2"
+# the guest's console log of an earlier failover to host2 in this run (failpoints, reprotect)
+c2=$(lab_guest_console_file host2 "$name")
+[ -e "$c2" ] && mv "$c2" "${c2%.log}.$(date +%H%M%S).log"
 lab_run host2 "mkdir -p /var/lib/kemari && rm -rf /var/lib/kemari/spool-*"
-lab_run host2 "setsid sh -c 'RUST_LOG=info kemari --json receive --listen 0.0.0.0:$FO_PORT --spool-dir /var/lib/kemari/spool-fo --once --heartbeat-listen 0.0.0.0:$FO_HB_PORT --heartbeat-ms $FO_HB_MS --heartbeat-misses $FO_HB_MISSES --failover --failover-method $FO_METHOD $rflags >/var/lib/kemari/receive-fo.json 2>/var/lib/kemari/receive-fo.log' </dev/null >/dev/null 2>&1 &"
+lab_run host2 "setsid sh -c 'echo \$\$ >/var/lib/kemari/receive-fo.pid; RUST_LOG=info exec kemari --json receive --listen 0.0.0.0:$FO_PORT --spool-dir /var/lib/kemari/spool-fo --once --heartbeat-listen 0.0.0.0:$FO_HB_PORT --heartbeat-ms $FO_HB_MS --heartbeat-misses $FO_HB_MISSES --failover --failover-method $FO_METHOD $rflags >/var/lib/kemari/receive-fo.json 2>/var/lib/kemari/receive-fo.log' </dev/null >/dev/null 2>&1 &"
 sleep 2
 
 lab_step "kemari replicate on host1 (heartbeat, checkpoints by $FO_QUIESCE)"
 qflag=""
-[ "$FO_QUIESCE" = suspend ] && qflag="--suspend --suspend-timeout-s 30"
-lab_run host1 "setsid sh -c 'RUST_LOG=info kemari replicate $name $(lab_host_ip host2):$FO_PORT --interval-ms $FO_INTERVAL_MS --ack-timeout-s 60 $qflag --heartbeat-port $FO_HB_PORT --heartbeat-ms $FO_HB_MS --heartbeat-misses $FO_HB_MISSES $pflags >/tmp/replicate-fo.out 2>/tmp/replicate-fo.log & echo \$! >/tmp/replicate-fo.pid' </dev/null >/dev/null 2>&1"
+# 120 s: the first suspend request comes right after the unpause of a guest created paused, which
+# answers it only once booted (its frontends connected) - over 30 s on a loaded machine (runs
+# 20261201-032700, first try of -030456's points)
+[ "$FO_QUIESCE" = suspend ] && qflag="--suspend --suspend-timeout-s 120"
+fpenv=""
+if [ "$FO_KILL_AT" != random ]; then
+  rm -f "$fo_marker"
+  fpenv="KEMARI_DEBUG_FAILPOINT=$FO_KILL_AT KEMARI_DEBUG_FAILPOINT_MS=120000 KEMARI_DEBUG_FAILPOINT_SEQ=$FO_KILL_SEQ KEMARI_DEBUG_FAILPOINT_FILE=/share/failpoint"
+fi
+lab_figure kill_at "$FO_KILL_AT"
+lab_run host1 "setsid sh -c '$fpenv RUST_LOG=info kemari replicate $name $(lab_host_ip host2):$FO_PORT --interval-ms $FO_INTERVAL_MS --ack-timeout-s 60 $qflag --heartbeat-port $FO_HB_PORT --heartbeat-ms $FO_HB_MS --heartbeat-misses $FO_HB_MISSES $pflags >/tmp/replicate-fo.out 2>/tmp/replicate-fo.log & echo \$! >/tmp/replicate-fo.pid' </dev/null >/dev/null 2>&1"
+# fo_wait_marker: wait (up to 240 s) for kemari replicate's failpoint marker; prints it
+fo_wait_marker() {
+  local _
+  for _ in $(seq 1200); do
+    [ -s "$fo_marker" ] && { cat "$fo_marker"; return 0; }
+    lab_run host1 'kill -0 "$(cat /tmp/replicate-fo.pid)" 2>/dev/null' 30 || break
+    sleep 0.2
+  done
+  lab_run host1 "tail -5 /tmp/replicate-fo.log" || true
+  lab_fail "kemari replicate never reached the kill point $FO_KILL_AT"
+}
+if [ "$FO_KILL_AT" = initial-sync ]; then
+  lab_step "power loss of host1 during the initial sync"
+  hit=$(fo_wait_marker)
+  lab_kill host1
+  lab_figure kill_point "${hit// /_}"
+  lab_say "host1 killed at: $hit"
+  rjson=
+  for _ in $(seq 120); do
+    rjson=$(lab_run host2 "head -1 /var/lib/kemari/receive-fo.json" 30) || true
+    [ -n "$rjson" ] && break
+    sleep 1
+  done
+  lab_run host2 "cat /var/lib/kemari/receive-fo.log"
+  [ -n "$rjson" ] || lab_fail "kemari receive did not end within 120 s of the kill"
+  echo "$rjson"
+  echo "$rjson" | python3 -c 'import json,sys; r=json.load(sys.stdin); sys.exit(0 if r.get("failover") is None and r.get("acked") is None else 1)' ||
+    lab_fail "host2 claims a failover or an ACKed state after a kill during the initial sync: $rjson"
+  lab_run host2 "grep -q 'REFUSING FAILOVER' /var/lib/kemari/receive-fo.log" ||
+    lab_fail "host2 did not refuse the failover clearly"
+  lab_run host2 '! kill -0 "$(cat /var/lib/kemari/receive-fo.pid)" 2>/dev/null' 30 ||
+    lab_fail "kemari receive still runs after refusing"
+  doms=$(lab_run host2 "xl list | awk 'NR > 2' | wc -l" 30)
+  [ "$doms" = 0 ] || { lab_run host2 "xl list" || true; lab_fail "host2 runs $doms domains after refusing (a half-built replica?)"; }
+  lab_figure host2_domains_after "$doms"
+  lab_say "initial-sync kill PASS: host2 refused (no consistent replica), started nothing; the guest is lost with host1"
+  return 0
+fi
 ok=0
 for _ in $(seq 240); do
   if lab_run host1 "grep -q 'ACKed after' /tmp/replicate-fo.log" 30; then ok=1; break; fi
@@ -128,8 +199,13 @@ if [ "$FO_TCP" = 1 ]; then
   lab_run host2 "head -3 /tmp/tcp-fo.out"
 fi
 
-lab_step "protected for ${FO_PROTECT_S} s"
-sleep "$FO_PROTECT_S"
+if [ "$FO_KILL_AT" = random ]; then
+  lab_step "protected for ${FO_PROTECT_S} s"
+  sleep "$FO_PROTECT_S"
+else
+  lab_step "protected until kemari replicate holds $FO_KILL_AT open (from checkpoint $FO_KILL_SEQ)"
+  hit=$(fo_wait_marker)
+fi
 lab_run host1 "tail -3 /tmp/replicate-fo.log" || true
 lab_run host1 "xl list $name" || true
 # protection must still be on, or there is nothing to fail over to (e.g. a suspend the guest
@@ -165,10 +241,69 @@ if [ "$FO_KILL" = host2 ]; then
   return 0
 fi
 
-lab_step "power loss of host1 (SIGKILL of its QEMU)"
+if [ "$FO_KILL" = replicate ]; then
+  lab_step "SIGKILL of host1's kemari replicate only (host1 lives)"
+else
+  lab_step "power loss of host1 (SIGKILL of its QEMU)"
+fi
 last1=$(grep -o 'kemari-guest alive [0-9]*' "$f1" | tail -1 | awk '{print $3}')
 t0=$(lab_now)
-lab_kill host1
+if [ "$FO_KILL" = replicate ]; then
+  lab_run host1 'kill -KILL "$(cat /tmp/replicate-fo.pid)"' 30
+  # the fence guard must stop the guest on host1 before host2 declares the primary dead
+  t_fence= t_dead=
+  for _ in $(seq 300); do
+    if [ -z "$t_fence" ]; then
+      st=$(lab_run host1 "xl list $name 2>/dev/null | awk 'NR==2 {print \$5}'" 30) || true
+      case "$st" in "" | *p*) t_fence=$(lab_since "$t0") ;; esac
+    fi
+    if [ -z "$t_dead" ] && lab_run host2 "grep -q 'primary .* is dead' /var/lib/kemari/receive-fo.log" 30; then
+      t_dead=$(lab_since "$t0")
+      # at the very moment host2 has declared host1 dead, the guest there must be stopped
+      st=$(lab_run host1 "xl list $name 2>/dev/null | awk 'NR==2 {print \$5}'" 30) || true
+      case "$st" in "" | *p*) ;; *) lab_fail "host2 declared the primary dead while host1's guest still runs (state $st): split-brain" ;; esac
+      [ -n "$t_fence" ] || t_fence=$t_dead
+    fi
+    [ -n "$t_fence" ] && [ -n "$t_dead" ] && break
+    sleep 0.2
+  done
+  lab_run host1 "grep 'kemari fence' /tmp/replicate-fo.log" || lab_fail "no fence guard line in host1's log"
+  lab_run host2 "grep 'is dead' /var/lib/kemari/receive-fo.log" || true
+  [ -n "$t_fence" ] || lab_fail "host1's guest was not paused or destroyed within 60 s of kemari replicate's death"
+  [ -n "$t_dead" ] || lab_fail "host2 did not declare the primary dead within 60 s"
+  lab_figure fence_seen_s "$t_fence"
+  lab_figure primary_dead_seen_s "$t_dead"
+  awk -v f="$t_fence" -v d="$t_dead" 'BEGIN { exit !(f <= d) }' || lab_fail "host2 declared the primary dead ($t_dead s) before host1's guest was fenced ($t_fence s)"
+  # the same order on the hosts' own clocks: the guard's PAUSED time (host1's clock) against
+  # host2's "is dead" time (host2's clock), each mapped to this machine's clock by the host's
+  # offset measured here (to within half a lab_run round trip)
+  fo_offset() {
+    local a t b
+    a=$(lab_now)
+    t=$(lab_run "$1" 'date +%s.%N' 30)
+    b=$(lab_now)
+    awk -v a="$a" -v t="$t" -v b="$b" 'BEGIN { printf "%.3f %.3f", t - (a + b) / 2, (b - a) / 2 }'
+  }
+  read -r off1 err1 < <(fo_offset host1)
+  read -r off2 err2 < <(fo_offset host2)
+  fence_unix=$(lab_run host1 "sed -n 's/.*PAUSED at \([0-9.]*\) .*/\1/p' /tmp/replicate-fo.log" 30 | head -1)
+  dead_unix=$(lab_run host2 "sed -n 's/.*is dead.* at \([0-9.]*\) (unix time).*/\1/p' /var/lib/kemari/receive-fo.log" 30 | head -1)
+  [ -n "$fence_unix" ] && [ -n "$dead_unix" ] || lab_fail "no PAUSED time on host1 or no dead time on host2"
+  lead=$(awk -v f="$fence_unix" -v o1="$off1" -v d="$dead_unix" -v o2="$off2" 'BEGIN { printf "%.3f", (d - o2) - (f - o1) }')
+  lab_figure fence_lead_s "$lead"
+  lab_figure clock_uncertainty_s "$(awk -v a="$err1" -v b="$err2" 'BEGIN { printf "%.3f", a + b }')"
+  lab_say "host1's guest paused at $fence_unix (host1), host2 declared it dead at $dead_unix (host2); clock offsets $off1, $off2 s: the fence came $lead s earlier (+- $err1 + $err2 s)"
+  awk -v l="$lead" 'BEGIN { exit !(l > 0) }' || lab_fail "host2 declared the primary dead $lead s before host1's guest was paused"
+  lab_say "fencing: host1's guest stopped ${t_fence} s after kemari replicate's SIGKILL, host2 declared the primary dead at ${t_dead} s"
+else
+  if [ "$FO_KILL_AT" != random ]; then
+    # the window is held open for 120 s: the kill lands inside it
+    hit=$(cat "$fo_marker")
+    lab_figure kill_point "${hit// /_}"
+  fi
+  lab_kill host1
+  [ "$FO_KILL_AT" = random ] || lab_say "host1 killed at: $hit"
+fi
 last1_after=$(grep -o 'kemari-guest alive [0-9]*' "$f1" | tail -1 | awk '{print $3}')
 # every write the guest saw acknowledged (fsync returned) before the kill, as host1's console says
 acked_disk=
@@ -259,7 +394,9 @@ if [ "$FO_TCP" = 1 ]; then
   fi
   lab_say "TCP session: $tcp_before echoes before the kill, $tcp_after at the end: survived=$survived; a new connection after the failover: $newc"
 fi
-if [ "$FO_DISK" = 1 ]; then
+# FO_KEEP_GUEST=1 (scenario reprotect): the guest stays on host2, its disk served there; the
+# records are checked at the end of reprotect instead
+if [ "$FO_DISK" = 1 ] && [ "${FO_KEEP_GUEST:-0}" = 0 ]; then
   lab_step "the disk on host2: the writer goes on, every acknowledged record is there"
   [ -n "$acked_disk" ] || lab_fail "host1's guest reported no disk write before the kill"
   lab_figure disk_records_acked_before_kill "$((acked_disk + 1))"
