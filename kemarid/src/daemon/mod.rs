@@ -952,11 +952,17 @@ impl Daemon {
                     ))
                 }
             }
-            let alive = g
-                .report
-                .as_ref()
-                .and_then(|r| r.heartbeat.as_ref())
-                .is_some_and(|h| h.peer == "alive");
+            // the primary is alive while its checkpoints keep coming: the last one is more
+            // recent than the heartbeat's detection time (period x misses)
+            let alive = g.report.as_ref().is_some_and(|r| {
+                let detect = r.heartbeat.as_ref().map_or(
+                    g.rec.opts.heartbeat_ms * u64::from(g.rec.opts.heartbeat_misses),
+                    |h| h.period_ms * u64::from(h.misses_allowed),
+                );
+                r.heartbeat.as_ref().is_some_and(|h| h.peer == "alive")
+                    && r.last_ack
+                        .is_some_and(|t| (unix_now() - t) * 1000.0 < detect as f64)
+            });
             if alive && !force {
                 return Err(ApiError::new(
                     ErrorCode::WrongState,

@@ -42,6 +42,9 @@ pub enum ReportError {
         /// The cause.
         source: std::io::Error,
     },
+    /// SIGUSR2 could not be set up.
+    #[error("setting up SIGUSR2 (the daemon's requests): {0}")]
+    Signal(String),
     /// The status file is not a report.
     #[error("worker status {path} is malformed: {source}")]
     Malformed {
@@ -510,6 +513,83 @@ impl StatusWriter {
                 r.domid = Some(d);
             }
         });
+    }
+}
+
+impl StatusWriter {
+    /// Initial copy progress from the sender's callback (`round_pages` of round 1 is the
+    /// guest's size; `total_pages` is the pages sent so far).
+    pub fn initial_round(&self, round: u32, round_pages: u64, total_pages: u64) {
+        let total = if round == 1 {
+            round_pages
+        } else {
+            self.snapshot().initial.map_or(round_pages, |i| i.total)
+        };
+        self.initial_progress(total_pages, total, round);
+    }
+
+    /// The sender's per-checkpoint observer feeding this writer.
+    pub fn observer(&self) -> crate::sync::sender::CheckpointObserver<'static> {
+        let w = self.clone();
+        Box::new(move |s| w.checkpoint(s))
+    }
+
+    /// The receiver's session observer feeding this writer.
+    pub fn session_observer(&self) -> crate::sync::receiver::SessionObserver<'static> {
+        let w = self.clone();
+        Box::new(move |s| {
+            if let Some(d) = s.replica {
+                w.domid(u32::from(d));
+            }
+            w.applied(s.checkpoints, s.acked, s.pages);
+        })
+    }
+}
+
+/// A worker that fails before it could say why marks its report failed with the error (no-op
+/// when the report is missing or already final).
+pub fn mark_failed(path: &Path, error: &str) {
+    if let Ok(Some(mut r)) = WorkerReport::read(path) {
+        if !r.state.is_final() {
+            r.state = GuestState::Failed;
+            r.error = Some(error.to_string());
+            r.updated = unix_now();
+            if let Err(e) = write_atomic(path, &r) {
+                log::warn!("{e}");
+            }
+        }
+    }
+}
+
+/// SIGUSR2, the daemon's request to a worker (primary: checkpoint now; secondary: fail over
+/// now), blocked in the calling thread by [`DaemonSignal::block`] (call it before any thread
+/// starts, so that every thread inherits the mask) and taken by one thread.
+#[derive(Debug)]
+pub struct DaemonSignal {
+    set: nix::sys::signal::SigSet,
+}
+
+impl DaemonSignal {
+    /// Blocks SIGUSR2 in this thread (and the threads it starts later).
+    pub fn block() -> Result<DaemonSignal, ReportError> {
+        let mut set = nix::sys::signal::SigSet::empty();
+        set.add(nix::sys::signal::Signal::SIGUSR2);
+        set.thread_block()
+            .map_err(|e| ReportError::Signal(e.to_string()))?;
+        Ok(DaemonSignal { set })
+    }
+
+    /// Calls `f` for every SIGUSR2, from a thread of its own.
+    pub fn on_signal(self, f: impl Fn() + Send + 'static) -> Result<(), ReportError> {
+        std::thread::Builder::new()
+            .name("sigusr2".into())
+            .spawn(move || {
+                while self.set.wait().is_ok() {
+                    f();
+                }
+            })
+            .map(|_| ())
+            .map_err(|e| ReportError::Signal(e.to_string()))
     }
 }
 

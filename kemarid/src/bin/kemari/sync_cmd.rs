@@ -92,6 +92,10 @@ pub struct ReplicateArgs {
     /// secondary (which then hears no heartbeat) resumes its copy (docs/failover.md).
     #[arg(long)]
     pub no_fence: bool,
+    /// Worker of kemarid: rewrite this status file (JSON, docs/api.md) as protection goes; a
+    /// SIGUSR2 then asks for a checkpoint now.
+    #[arg(long)]
+    pub status_file: Option<PathBuf>,
     /// Output commit: the guest's disk served here (--disk, --vdev, --unpause, --commit-log).
     #[command(flatten)]
     pub commit: crate::commit_cmd::CommitArgs,
@@ -153,6 +157,10 @@ pub struct ReceiveArgs {
     /// The secondary's copy of the guest's disk (--disk, --vdev).
     #[command(flatten)]
     pub disk: crate::commit_cmd::ReceiveDiskArgs,
+    /// Worker of kemarid: rewrite this status file (JSON, docs/api.md) as the replica is kept;
+    /// a SIGUSR2 then asks for a failover now (treated as the primary's death).
+    #[arg(long)]
+    pub status_file: Option<PathBuf>,
     /// When the primary is dead (heartbeat) after the initial sync, run the guest here from
     /// the last ACKed checkpoint.
     #[arg(long, requires = "heartbeat_listen")]
@@ -229,8 +237,14 @@ fn open_host() -> anyhow::Result<hypervisor::xen::XenHost> {
 /// Runs a top-level sync command.
 pub fn run(cmd: SyncCommand, json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
-        SyncCommand::Replicate(a) => replicate(a, json),
-        SyncCommand::Receive(a) => receive(a, json),
+        SyncCommand::Replicate(a) => {
+            let status_file = a.status_file.clone();
+            report_failure(status_file, replicate(a, json))
+        }
+        SyncCommand::Receive(a) => {
+            let status_file = a.status_file.clone();
+            report_failure(status_file, receive(a, json))
+        }
         SyncCommand::FenceGuard(a) => crate::fence_cmd::run_guard(a),
         SyncCommand::Protect(mut a) => {
             if a.commit.disk.is_some() {
@@ -248,12 +262,34 @@ pub fn run(cmd: SyncCommand, json: bool) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// As kemarid's worker: an error that ends the command before it reported an end goes into
+/// the status file.
+fn report_failure(
+    status_file: Option<PathBuf>,
+    r: anyhow::Result<ExitCode>,
+) -> anyhow::Result<ExitCode> {
+    if let (Some(p), Err(e)) = (&status_file, &r) {
+        kemarid::daemon::report::mark_failed(p, &format!("{e:#}"));
+    }
+    r
+}
+
 fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
     // before any thread starts: SIGUSR1 asks for a held stop (commit_cmd)
     let usr1 = crate::commit_cmd::block_usr1()?;
+    // as kemarid's worker: SIGUSR2 (checkpoint now) blocked before any thread starts
+    let daemon_signal = match a.status_file {
+        Some(_) => Some(kemarid::daemon::report::DaemonSignal::block()?),
+        None => None,
+    };
+    let status = kemarid::daemon::report::StatusWriter::new(
+        a.status_file.as_deref(),
+        kemarid::api::Role::Primary,
+    )?;
     let host = open_host()?;
     let hv: &dyn Hypervisor = &host;
     let domid = kemarid::debug::resolve_domain(hv, &a.domain)?;
+    status.domid(u32::from(domid));
     let info = hv.domain_info(domid)?;
     let xs = hv.open_xenstore()?;
     let config =
@@ -310,6 +346,17 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
         )?),
     };
     let disk = crate::commit_cmd::DiskService::start(domid, &a.commit, &triggers, &usr1)?;
+    if let Some(sig) = daemon_signal {
+        let t = triggers.clone();
+        sig.on_signal(move || t.fire(kemarid::sync::trigger::Reasons::REQUEST))?;
+    }
+    if heartbeat.is_some() {
+        status.heartbeat(
+            a.heartbeat.heartbeat_ms,
+            a.heartbeat.heartbeat_misses,
+            "alive",
+        );
+    }
     crate::commit_cmd::hold_on_usr1(usr1.clone(), triggers.clone())?;
     let end_disk = |disk: Option<crate::commit_cmd::DiskService>| {
         if let Some(d) = disk {
@@ -319,6 +366,7 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
         }
     };
     let mut tx = Sender::new(hv, domid, stream, opts, device)?;
+    tx.set_observer(status.observer());
     // A guest created paused and unpaused after the initial sync (--unpause) has not run yet:
     // it cannot answer a suspend request, and a paused copy of it is already a clean state to
     // start from. Its initial image is taken paused; checkpoints are at suspend points.
@@ -342,11 +390,23 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
             hb.stop(!dead);
         }
         log::error!("secondary lost {what}: {cause}");
+        if dead {
+            status.heartbeat(
+                a.heartbeat.heartbeat_ms,
+                a.heartbeat.heartbeat_misses,
+                "dead",
+            );
+        }
+        status.finish(
+            kemarid::api::GuestState::Failed,
+            Some(format!("secondary lost {what}: {cause}")),
+        );
         eprintln!(
             "kemari replicate: SECONDARY LOST {what} ({cause}): guest {domid} keeps running UNPROTECTED"
         );
     };
     let init = tx.initial_sync(&config, &mut |p| {
+        status.initial_round(p.round, p.round_pages, p.total_pages);
         if let Some(fp) = failpoint.as_mut() {
             fp.initial_progress();
         }
@@ -374,6 +434,7 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
         "initial sync: {} live + {} final pages, {} bytes, paused {:.1} ms, ACKed after {:.0} ms",
         init.live_pages, init.final_pages, init.bytes, init.pause_ms, init.total_ms
     );
+    status.initial_done();
     if triggers.stopped() {
         drop(tx);
         eprintln!(
@@ -429,6 +490,7 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
         }
     };
     let secs = protect_start.elapsed().as_secs_f64();
+    status.finish(kemarid::api::GuestState::Stopped, None);
     drop(tx);
     fence.disarm();
     if let Some(hb) = heartbeat {
@@ -568,6 +630,30 @@ fn this_host() -> String {
 }
 
 fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
+    // as kemarid's worker: SIGUSR2 (fail over now) blocked before any thread starts
+    let daemon_signal = match a.status_file {
+        Some(_) => Some(kemarid::daemon::report::DaemonSignal::block()?),
+        None => None,
+    };
+    let status = kemarid::daemon::report::StatusWriter::new(
+        a.status_file.as_deref(),
+        kemarid::api::Role::Secondary,
+    )?;
+    let forced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let current: Arc<std::sync::Mutex<Option<TcpStream>>> = Arc::default();
+    if let Some(sig) = daemon_signal {
+        let (f, c) = (forced.clone(), current.clone());
+        sig.on_signal(move || {
+            eprintln!("kemari receive: failover asked (SIGUSR2)");
+            f.store(true, std::sync::atomic::Ordering::SeqCst);
+            let c = c.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(s) = c.as_ref() {
+                // the receiver discards a checkpoint it has not read whole: the replica
+                // stays at the last ACK
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        })?;
+    }
     // With --failover --disk this process serves the guest's disk after a failover, until the
     // guest is gone or SIGINT/SIGTERM: blocked here, before any thread starts. Before the
     // failover a signal ends the process as it would without the handler.
@@ -588,7 +674,8 @@ fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
             idle_timeout: (a.idle_timeout_s > 0).then(|| Duration::from_secs(a.idle_timeout_s)),
         },
     )
-    .with_disks(a.disk.disks()?);
+    .with_disks(a.disk.disks()?)
+    .with_observer(status.session_observer());
     let listener =
         TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
     eprintln!("kemari receive: listening on {}", a.listen);
@@ -607,6 +694,17 @@ fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
     loop {
         let (stream, peer) = listener.accept().context("accepting a connection")?;
         eprintln!("kemari receive: primary {peer} connected");
+        status.state(kemarid::api::GuestState::InitialSync);
+        if a.heartbeat_listen.is_some() {
+            status.heartbeat(
+                a.heartbeat.heartbeat_ms,
+                a.heartbeat.heartbeat_misses,
+                "alive",
+            );
+        }
+        *current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = stream.try_clone().ok();
         let heartbeat = match &hb_socket {
             None => None,
             Some(s) => {
@@ -642,7 +740,14 @@ fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
         let failover = match &heartbeat {
             Some(hb) if a.failover => {
                 let cfg = a.heartbeat.config();
-                let state = if error.is_some() {
+                let state = if forced.load(std::sync::atomic::Ordering::SeqCst) {
+                    // kemarid's `failover` (it checked the primary is silent, or was forced)
+                    PeerState::Dead(kemarid::failover::heartbeat::DeathCause::Missed {
+                        missed: 0,
+                        silent: hb.silent_for().unwrap_or_default(),
+                        stream_lost: true,
+                    })
+                } else if error.is_some() {
                     // A stream error counts as a loss; the heartbeat must agree.
                     hb.stream_lost();
                     hb.wait_final(cfg.detection_time() + cfg.period)
@@ -677,6 +782,29 @@ fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
             _ => None,
         };
         drop(heartbeat);
+        match failover.as_ref().map(|f| &f.0) {
+            Some(v) => {
+                status.heartbeat(
+                    a.heartbeat.heartbeat_ms,
+                    a.heartbeat.heartbeat_misses,
+                    "dead",
+                );
+                status.failed_over(
+                    v["report"]["domid"]
+                        .as_u64()
+                        .and_then(|d| u32::try_from(d).ok()),
+                    v["report"]["seq"].as_u64(),
+                );
+            }
+            None => status.finish(
+                if error.is_some() {
+                    kemarid::api::GuestState::Failed
+                } else {
+                    kemarid::api::GuestState::Stopped
+                },
+                error.as_ref().map(|e| format!("{e:#}")),
+            ),
+        }
         if json {
             print_json(&serde_json::json!({
                 "peer": peer.to_string(),
