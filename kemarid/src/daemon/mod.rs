@@ -349,7 +349,8 @@ impl Daemon {
                 (None, Some(r)) if r.state.is_final() => r.state,
                 (None, _) => GuestState::Failed,
             };
-            let error = (worker.is_none() && !state.is_final()).then(|| {
+            let ended = report.as_ref().is_some_and(|r| r.state.is_final());
+            let error = (worker.is_none() && !ended).then(|| {
                 format!(
                     "its worker (pid {}) was gone when kemarid started",
                     rec.pid.map_or("-".into(), |p| p.to_string())
@@ -369,7 +370,7 @@ impl Daemon {
                     rec.role.as_str(),
                     rec.peer,
                     report.as_ref().map_or("unknown", |r| r.state.as_str()),
-                    if state.is_final() {
+                    if ended {
                         ""
                     } else {
                         ": protection is over (kemari start protects it again)"

@@ -443,3 +443,123 @@ fn failover_on_the_secondary_runs_the_guest_there() {
         ErrorCode::WrongState
     );
 }
+
+/// A backend that only adopts (the way the dom0 backend does: processes recognised by their
+/// command line).
+struct AdoptOnly;
+
+impl Backend for AdoptOnly {
+    fn mode(&self) -> &'static str {
+        "test"
+    }
+    fn resolve(&self, dom: &str) -> Result<(u32, String), crate::api::ApiError> {
+        Err(crate::api::ApiError::bare(ErrorCode::UnknownDomain, dom))
+    }
+    fn start_primary(&self, _: &WorkerSpec) -> Result<Box<dyn Worker>, crate::api::ApiError> {
+        Err(crate::api::ApiError::bare(
+            ErrorCode::Internal,
+            "no workers here",
+        ))
+    }
+    fn start_secondary(
+        &self,
+        _: &WorkerSpec,
+    ) -> Result<(Box<dyn Worker>, u16), crate::api::ApiError> {
+        Err(crate::api::ApiError::bare(
+            ErrorCode::Internal,
+            "no workers here",
+        ))
+    }
+    fn adopt(&self, rec: &GuestRecord, dir: &std::path::Path) -> Option<Box<dyn Worker>> {
+        worker::ProcessWorker::adopt(rec.pid?, &dir.join(worker::STATUS_FILE))
+            .map(|w| Box::new(w) as Box<dyn Worker>)
+    }
+    fn destroy_replica(&self, _: u32) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_restarted_daemon_adopts_running_workers_and_reports_dead_ones() {
+    let dir = std::env::temp_dir().join(format!("kemarid-adopt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut config = Config::default();
+    config.daemon.state_dir = dir.join("state");
+    config.daemon.spool_dir = dir.join("spool");
+    config.daemon.hostname = "zeta".into();
+    let settings = Settings::from_config(config.clone(), true).unwrap();
+    let opts = config.resolve("x", &Default::default()).unwrap();
+    // "live": a worker process still running, its last report says protected
+    let live_dir = settings.guests_dir.join("live");
+    std::fs::create_dir_all(&live_dir).unwrap();
+    let status = live_dir.join(worker::STATUS_FILE);
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "sleep 30; true", &status.display().to_string()])
+        .spawn()
+        .unwrap();
+    let w = report::StatusWriter::new(Some(&status), Role::Primary).unwrap();
+    w.initial_done();
+    drop(w);
+    let rec = |dom: &str, pid: u32| GuestRecord {
+        dom: dom.into(),
+        role: Role::Primary,
+        peer: "eta".into(),
+        peer_daemon: Some("eta:7200".into()),
+        opts: opts.clone(),
+        pid: Some(pid),
+        domid: Some(4),
+        data_port: Some(7210),
+        started: 1.0,
+    };
+    rec("live", child.id()).save(&live_dir).unwrap();
+    // "gone": its worker died while no daemon ran
+    let gone_dir = settings.guests_dir.join("gone");
+    std::fs::create_dir_all(&gone_dir).unwrap();
+    let mut dead = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = dead.id();
+    dead.wait().unwrap();
+    rec("gone", dead_pid).save(&gone_dir).unwrap();
+    // wait until the child shows its own command line (after exec)
+    let t0 = Instant::now();
+    while worker::ProcessWorker::adopt(child.id(), &status).is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let d = Daemon::new(settings, Box::new(AdoptOnly)).unwrap();
+    let s = match d.handle(Request::Status { dom: None }).unwrap() {
+        Reply::Status(s) => s.guests,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(s.len(), 2);
+    let gone = s.iter().find(|g| g.dom == "gone").unwrap();
+    assert_eq!(gone.state, GuestState::Failed);
+    assert!(
+        gone.error.as_ref().unwrap().contains("was gone"),
+        "{gone:?}"
+    );
+    assert_eq!(gone.worker_pid, None);
+    let live = s.iter().find(|g| g.dom == "live").unwrap();
+    assert_eq!(live.state, GuestState::Protected);
+    assert_eq!(live.worker_pid, Some(child.id()));
+    assert_eq!(live.peer, "eta");
+    // the worker ends: the daemon notices and says so
+    child.kill().unwrap();
+    child.wait().unwrap();
+    d.poll();
+    let live = match d
+        .handle(Request::Status {
+            dom: Some("live".into()),
+        })
+        .unwrap()
+    {
+        Reply::Status(mut s) => s.guests.remove(0),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(live.state, GuestState::Failed);
+    assert!(live.error.unwrap().contains("without reporting an end"));
+    // stop forgets a guest whose protection is over, and its folder
+    d.handle(Request::Stop { dom: "gone".into() }).unwrap();
+    assert!(!dir.join("state/guests/gone").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -142,6 +142,17 @@ pub struct ProcessWorker {
 }
 
 impl ProcessWorker {
+    /// The worker of a previous daemon: process `pid`, recognised while its command line holds
+    /// `status_file` (so a recycled pid is not mistaken for it); `None` if it is not running.
+    pub fn adopt(pid: u32, status_file: &Path) -> Option<ProcessWorker> {
+        let w = ProcessWorker {
+            pid,
+            child: None,
+            marker: Some(status_file.display().to_string()),
+        };
+        w.alive_adopted().then_some(w)
+    }
+
     fn alive_adopted(&self) -> bool {
         // /proc/PID/cmdline still names this guest's status file: the same worker (not a
         // recycled pid)
@@ -366,12 +377,8 @@ impl Backend for XenBackend {
     }
 
     fn adopt(&self, rec: &GuestRecord, dir: &Path) -> Option<Box<dyn Worker>> {
-        let w = ProcessWorker {
-            pid: rec.pid?,
-            child: None,
-            marker: Some(dir.join(STATUS_FILE).display().to_string()),
-        };
-        w.alive_adopted().then(|| Box::new(w) as Box<dyn Worker>)
+        ProcessWorker::adopt(rec.pid?, &dir.join(STATUS_FILE))
+            .map(|w| Box::new(w) as Box<dyn Worker>)
     }
 
     fn destroy_replica(&self, domid: u32) -> Result<(), String> {
