@@ -234,6 +234,30 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     (mac[0] & 1 == 0).then_some(mac)
 }
 
+/// EtherType of RARP.
+pub const ETH_P_RARP: u16 = 0x8035;
+
+/// The frame that announces a guest's MAC at a new place (after a failover or migration),
+/// as QEMU's `announce_self` builds it: a broadcast RARP "request reverse" (opcode 3) with
+/// `mac` as the sender and target hardware address, no protocol addresses, padded to the
+/// 60-byte Ethernet minimum. Written to the guest's tap it enters the bridge from the guest's
+/// port, so the bridge (and every switch it reaches) learns where the MAC is now; it names
+/// no IP address, so no host's ARP cache changes.
+pub fn announce_frame(mac: &[u8; 6]) -> [u8; 60] {
+    let mut f = [0u8; 60];
+    f[0..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(mac);
+    f[12..14].copy_from_slice(&ETH_P_RARP.to_be_bytes());
+    f[14..16].copy_from_slice(&1u16.to_be_bytes()); // hardware: Ethernet
+    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // protocol: IPv4
+    f[18] = 6; // hardware address length
+    f[19] = 4; // protocol address length
+    f[20..22].copy_from_slice(&3u16.to_be_bytes()); // RARP request reverse
+    f[22..28].copy_from_slice(mac); // sender hardware address
+    f[32..38].copy_from_slice(mac); // target hardware address
+    f
+}
+
 /// Counters of a vif.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VifStats {
@@ -1237,5 +1261,23 @@ mod tests {
         ] {
             assert_eq!(parse_mac(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn announce_frame_is_qemus_rarp() {
+        let mac = [0x00, 0x16, 0x3e, 0x77, 0x00, 0x96];
+        let f = announce_frame(&mac);
+        let mut want = Vec::new();
+        want.extend_from_slice(&[0xff; 6]); // broadcast
+        want.extend_from_slice(&mac); // from the guest
+        want.extend_from_slice(&[0x80, 0x35]); // RARP
+        want.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 3]); // Ethernet/IPv4, 6/4, reverse request
+        want.extend_from_slice(&mac);
+        want.extend_from_slice(&[0; 4]);
+        want.extend_from_slice(&mac);
+        want.extend_from_slice(&[0; 4]);
+        want.resize(60, 0);
+        assert_eq!(f.to_vec(), want);
+        assert_ne!(announce_frame(&[0x00, 0x16, 0x3e, 0, 0, 1]), f);
     }
 }
