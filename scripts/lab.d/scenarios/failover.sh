@@ -282,7 +282,7 @@ if [ "$FO_KILL" = replicate ]; then
     a=$(lab_now)
     t=$(lab_run "$1" 'date +%s.%N' 30)
     b=$(lab_now)
-    awk -v a="$a" -v t="$t" -v b="$b" 'BEGIN { printf "%.3f %.3f", t - (a + b) / 2, (b - a) / 2 }'
+    awk -v a="$a" -v t="$t" -v b="$b" 'BEGIN { printf "%.3f %.3f\n", t - (a + b) / 2, (b - a) / 2 }'
   }
   read -r off1 err1 < <(fo_offset host1)
   read -r off2 err2 < <(fo_offset host2)
