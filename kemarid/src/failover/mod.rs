@@ -7,6 +7,7 @@ pub mod disk;
 pub mod failpoint;
 pub mod fence;
 pub mod heartbeat;
+pub mod net;
 pub mod resume;
 
 #[cfg(test)]

@@ -56,13 +56,13 @@ pub struct AttachArgs {
 
 /// `--vif` settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct VifSpec {
-    mac: Option<[u8; 6]>,
-    bridge: Option<String>,
-    devid: u32,
-    ifname: Option<String>,
+pub(crate) struct VifSpec {
+    pub(crate) mac: Option<[u8; 6]>,
+    pub(crate) bridge: Option<String>,
+    pub(crate) devid: u32,
+    pub(crate) ifname: Option<String>,
     /// Offer scatter-gather and TCPv4 GSO (the tap segments).
-    gso: bool,
+    pub(crate) gso: bool,
 }
 
 impl Default for VifSpec {
@@ -77,7 +77,7 @@ impl Default for VifSpec {
     }
 }
 
-fn parse_vif_spec(spec: &str) -> anyhow::Result<VifSpec> {
+pub(crate) fn parse_vif_spec(spec: &str) -> anyhow::Result<VifSpec> {
     let mut v = VifSpec::default();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (k, val) = item
@@ -145,7 +145,7 @@ fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
 }
 
 /// Creates the vif (tap first, up and bridged, then the xenstore nodes).
-fn create_vif<'h>(
+pub(crate) fn create_vif<'h>(
     hv: &'h dyn Hypervisor,
     domid: hypervisor::DomId,
     spec: &VifSpec,

@@ -157,6 +157,9 @@ pub struct ReceiveArgs {
     /// The secondary's copy of the guest's disk (--disk, --vdev).
     #[command(flatten)]
     pub disk: crate::commit_cmd::ReceiveDiskArgs,
+    /// The guest's NIC after a failover (--vif).
+    #[command(flatten)]
+    pub net: crate::commit_cmd::ReceiveNetArgs,
     /// Worker of kemarid: rewrite this status file (JSON, docs/api.md) as the replica is kept;
     /// a SIGUSR2 then asks for a failover now (treated as the primary's death).
     #[arg(long)]
@@ -345,7 +348,7 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
             fence.0.clone(),
         )?),
     };
-    let disk = crate::commit_cmd::DiskService::start(domid, &a.commit, &triggers, &usr1)?;
+    let disk = crate::commit_cmd::Outputs::start(domid, &a.commit, &triggers, &usr1)?;
     if let Some(sig) = daemon_signal {
         let t = triggers.clone();
         sig.on_signal(move || t.fire(kemarid::sync::trigger::Reasons::REQUEST))?;
@@ -358,7 +361,7 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
         );
     }
     crate::commit_cmd::hold_on_usr1(usr1.clone(), triggers.clone())?;
-    let end_disk = |disk: Option<crate::commit_cmd::DiskService>| {
+    let end_disk = |disk: Option<crate::commit_cmd::Outputs>| {
         if let Some(d) = disk {
             if let Err(e) = d.finish(false, &triggers, json) {
                 eprintln!("kemari replicate: disk: {e:#}");
@@ -462,13 +465,10 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
         },
         usr1,
         disk.as_ref(),
+        a.suspend,
     );
-    if let (true, Some(d)) = (a.suspend, disk.as_ref()) {
+    if a.suspend && a.commit.disk.is_some() {
         eprintln!("kemari replicate: --suspend with --disk: each epoch's disk writes are released when its checkpoint's suspend is requested, not after its ACK (the guest freezes its tasks to suspend; docs/failover.md)");
-        hook = Box::new(ReleaseAtSuspend {
-            inner: hook,
-            gate: d.gate.clone(),
-        });
     }
     if let Some(fp) = failpoint.take() {
         hook = fp.hook(hook);
@@ -535,43 +535,6 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
         d.finish(out.held_paused, &triggers, json)?;
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// `--suspend` with `--disk`: the disk writes of epoch `seq` are released when checkpoint
-/// `seq` is about to ask the guest to suspend, instead of after its ACK. Linux's Xen suspend
-/// freezes every task first, and a task waiting for a write held until the ACK of the very
-/// checkpoint that waits for the suspend cannot be frozen: the suspend fails after 20 s
-/// (lab run 20261130-231528). Released this way, the writes still reach the primary's disk
-/// only after the guest issued them and travel in checkpoint `seq`'s disk log, applied on the
-/// secondary with that checkpoint (Remus' disk semantics): if the primary dies before the ACK,
-/// the secondary resumes the guest at the previous checkpoint, in a state in which those
-/// writes have not completed, and the guest issues them again. What the guest made visible
-/// outside because a write completed is the network's output commit to hold.
-struct ReleaseAtSuspend<'a> {
-    inner: Box<dyn kemarid::sync::sender::CheckpointHook + 'a>,
-    gate: Arc<xenbus_backend::commit::OutputGate>,
-}
-
-impl kemarid::sync::sender::CheckpointHook for ReleaseAtSuspend<'_> {
-    fn release(
-        &mut self,
-        seq: u64,
-        reasons: kemarid::sync::trigger::Reasons,
-    ) -> kemarid::sync::sender::Release {
-        self.gate.acked(seq);
-        self.inner.release(seq, reasons)
-    }
-
-    fn acked(&mut self, info: &kemarid::sync::sender::AckInfo) -> kemarid::sync::sender::AfterAck {
-        self.inner.acked(info)
-    }
-
-    fn extra(
-        &mut self,
-        seq: u64,
-    ) -> Result<Vec<(u32, Vec<u8>)>, kemarid::sync::sender::DeviceError> {
-        self.inner.extra(seq)
-    }
 }
 
 /// Starts the primary's heartbeat to `target`'s host on `port`; when the secondary is
@@ -657,7 +620,12 @@ fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
     // With --failover --disk this process serves the guest's disk after a failover, until the
     // guest is gone or SIGINT/SIGTERM: blocked here, before any thread starts. Before the
     // failover a signal ends the process as it would without the handler.
-    let disk_stop = match (a.failover, a.disk.disk.is_some()) {
+    anyhow::ensure!(
+        a.net.vif.is_none() || a.failover,
+        "--vif serves the guest's NIC after a failover: it needs --failover"
+    );
+    a.net.spec()?;
+    let disk_stop = match (a.failover, a.disk.disk.is_some() || a.net.vif.is_some()) {
         (true, true) => Some(failover_signals()?),
         _ => None,
     };
@@ -820,7 +788,7 @@ fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
                 "disk_entries": session.disk_entries,
                 "skipped_pages": session.skipped_pages,
                 "disk_bytes": session.disk_bytes,
-                "failover": failover.as_ref().map(|(v, _)| v),
+                "failover": failover.as_ref().map(|(v, _, _)| v),
             }))?;
         } else {
             println!(
@@ -834,10 +802,30 @@ fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
                 error.as_ref().map_or(String::new(), |e| format!(" error: {e}"))
             );
         }
-        if let Some((_, vbd)) = failover {
+        if let Some((_, vbd, vif)) = failover {
             // This host now runs the guest, unprotected.
-            if let (Some(vbd), Some(stop)) = (vbd, &disk_stop) {
-                serve_failover_disk(vbd, stop, &a.disk.vdev, json)?;
+            if let Some(stop) = &disk_stop {
+                std::thread::scope(|scope| -> anyhow::Result<()> {
+                    let net = vif.map(|v| {
+                        scope.spawn(move || crate::commit_cmd::serve_failover_vif(v, &stop.1, json))
+                    });
+                    let disk = match vbd {
+                        Some(vbd) => serve_failover_disk(vbd, stop, &a.disk.vdev, json),
+                        None => {
+                            stop.0.store(true, std::sync::atomic::Ordering::SeqCst);
+                            Ok(())
+                        }
+                    };
+                    // the disk's line first (its counters end when the guest is gone, as
+                    // the NIC's), then the NIC's
+                    if let Some(n) = net {
+                        let line = n
+                            .join()
+                            .map_err(|_| anyhow::anyhow!("the vif thread panicked"))??;
+                        println!("{line}");
+                    }
+                    disk
+                })?;
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -972,7 +960,11 @@ fn fail_over<'h>(
     rx: &Receiver<'_>,
     replica: hypervisor::DomId,
     hb: &Heartbeat,
-) -> anyhow::Result<(serde_json::Value, Option<xenbus_backend::Vbd<'h>>)> {
+) -> anyhow::Result<(
+    serde_json::Value,
+    Option<xenbus_backend::Vbd<'h>>,
+    Option<xenbus_backend::Vif<'h>>,
+)> {
     use kemarid::failover::resume;
     let t0 = Instant::now();
     let silent_at_start = hb.silent_for().unwrap_or_default();
@@ -984,7 +976,8 @@ fn fail_over<'h>(
         None => XlReplicaBuilder::image_name(&image)?,
     };
     let disk = a.disk.disks()?.into_iter().next();
-    let keep_paused = disk.is_some();
+    let net = a.net.spec()?;
+    let keep_paused = disk.is_some() || net.is_some();
     let report = match a.failover_method {
         FailoverMethodArg::Restore => resume::resume_by_restore_paused(
             hv,
@@ -1001,27 +994,70 @@ fn fail_over<'h>(
         }
     }
     .with_context(|| format!("failover of replica {replica} at checkpoint {}", staged.seq))?;
-    let t_disk = Instant::now();
-    let vbd = match &disk {
+    // the NIC first (the guest stays paused), then the disk, which unpauses
+    let t_net = Instant::now();
+    let vif = match &net {
         None => None,
-        Some(d) => Some(
-            kemarid::failover::disk::serve_and_unpause(
-                hv,
-                report.domid,
-                d,
-                Some(PathBuf::from("/run/kemari")),
-            )
-            .with_context(|| {
+        Some(spec) => Some(
+            kemarid::failover::net::create_paused(hv, report.domid, spec).with_context(|| {
                 format!(
-                    "bringing up {} on {} for domain {} (left paused)",
-                    a.disk.vdev,
-                    d.path.display(),
+                    "bringing up vif {} (mac {}) for domain {} (left paused)",
+                    spec.vif.devid,
+                    spec.vif.mac_string(),
                     report.domid
                 )
             })?,
         ),
     };
+    let net_ms = t_net.elapsed().as_secs_f64() * 1000.0;
+    let t_disk = Instant::now();
+    let vbd = disk.as_ref().map(|d| {
+        kemarid::failover::disk::serve_and_unpause(
+            hv,
+            report.domid,
+            d,
+            Some(PathBuf::from("/run/kemari")),
+        )
+        .with_context(|| {
+            format!(
+                "bringing up {} on {} for domain {} (left paused)",
+                a.disk.vdev,
+                d.path.display(),
+                report.domid
+            )
+        })
+    });
     let disk_ms = t_disk.elapsed().as_secs_f64() * 1000.0;
+    // the disk's creation unpaused the guest; with a NIC only, unpause it here
+    let unpaused = match &vbd {
+        Some(r) => r.as_ref().map(|_| ()).map_err(|e| anyhow::anyhow!("{e:#}")),
+        None if vif.is_some() => hv
+            .unpause(report.domid)
+            .with_context(|| format!("unpausing domain {} (left paused)", report.domid)),
+        None => Ok(()),
+    };
+    if let Err(e) = unpaused {
+        if let Some((mut v, _)) = vif {
+            if let Err(rm) = v.shutdown() {
+                log::warn!("removing the vif of domain {}: {rm}", report.domid);
+            }
+        }
+        return Err(e);
+    }
+    let vbd = vbd.transpose()?;
+    let vif = vif.map(|(v, mut announcer)| {
+        // the guest runs: tell the bridges where its MAC is now
+        std::thread::spawn(move || announcer.run());
+        eprintln!(
+            "kemari receive: domain {} vif {} (mac {}) on tap {} at {} (created in {net_ms:.0} ms), announced",
+            report.domid,
+            v.config().devid,
+            v.config().mac_string(),
+            v.tap_name(),
+            v.paths().backend
+        );
+        v
+    });
     if let (Some(d), Some(v)) = (&disk, &vbd) {
         eprintln!(
             "kemari receive: domain {} {} served from {} at {} (created in {disk_ms:.0} ms), guest unpaused",
@@ -1033,7 +1069,7 @@ fn fail_over<'h>(
     }
     let total = silent_at_start + t0.elapsed();
     eprintln!(
-        "failover: guest running on {} as domain {} after {} ms (last heartbeat -> running; detection {} ms, image {:.0} ms, destroy {:.0} ms, restore {:.0} ms{}), last seq {}",
+        "failover: guest running on {} as domain {} after {} ms (last heartbeat -> running; detection {} ms, image {:.0} ms, destroy {:.0} ms, restore {:.0} ms{}{}), last seq {}",
         this_host(),
         report.domid,
         total.as_millis(),
@@ -1042,6 +1078,7 @@ fn fail_over<'h>(
         report.destroy_ms,
         report.restore_ms,
         if disk.is_some() { format!(", disk {disk_ms:.0} ms") } else { String::new() },
+        if vif.is_some() { format!(", vif {net_ms:.0} ms") } else { String::new() },
         report.seq
     );
     eprintln!("kemari receive: this host is now PRIMARY WITHOUT PROTECTION for {name}");
@@ -1063,8 +1100,15 @@ fn fail_over<'h>(
                 "vdev": a.disk.vdev,
                 "ms": disk_ms,
             })),
+            "vif": vif.as_ref().map(|v| serde_json::json!({
+                "devid": v.config().devid,
+                "mac": v.config().mac_string(),
+                "tap": v.tap_name(),
+                "ms": net_ms,
+            })),
         }),
         vbd,
+        vif,
     ))
 }
 
