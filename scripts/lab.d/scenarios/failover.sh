@@ -43,12 +43,17 @@
 #                             20261130-231528); records host1 printed after the last ACK are
 #                             rolled back and written again by the guest on host2 (figure
 #                             disk_writes_redone_on_host2), docs/failover.md.
-#   FO_TCP=0|1                a TCP session across the failover (default 0): the guest gets a
-#                             vif (kernel netback, xenbr0) and address $FO_GUEST_IP; a client in
-#                             host2's dom0 keeps one nc connection to its echo service (port 7000)
-#                             and sends a line every 0.5 s. Figure tcp_session_survived=yes|no:
-#                             the same connection gets echoes after the failover (a figure, not a
-#                             pass condition: the network is not output-committed yet).
+#   FO_TCP=0|1                a TCP session across the failover (default: FO_DISK; needs FO_DISK=1):
+#                             the guest's NIC is Kemari's netback under output commit on host1
+#                             (`kemari replicate --vif bridge=xenbr0,mac=$FO_MAC`: its frames
+#                             leave only after the ACK of their checkpoint) and on host2 after
+#                             the failover (`kemari receive --vif ...`: netfront reconnects, the
+#                             MAC is announced by RARP, the guest's arp_notify sends a gratuitous
+#                             ARP); address $FO_GUEST_IP. A client in host2's dom0 keeps one nc
+#                             connection to its echo service (port 7000), a line every 0.5 s.
+#                             PASS needs tcp_session_survived=yes: the SAME connection (same nc
+#                             process, one kemari-count greeting) echoes lines sent after the
+#                             failover was complete.
 
 FO_GUEST=${FO_GUEST:-pvh}
 FO_QUIESCE=${FO_QUIESCE:-suspend}
@@ -68,12 +73,16 @@ fo_marker="$(lab_host_dir host1)/share/failpoint"
 FO_PORT=${FO_PORT:-7300}
 FO_HB_PORT=${FO_HB_PORT:-7301}
 FO_DISK=${FO_DISK:-1}
-FO_TCP=${FO_TCP:-0}
+FO_TCP=${FO_TCP:-$FO_DISK}
 FO_GUEST_IP=10.77.0.150
 FO_IMG=/var/lib/lab/fo.img
 FO_COPY=/var/lib/lab/fo-copy.img
+FO_MAC=00:16:3e:77:00:96
 netopt=""
-[ "$FO_TCP" = 1 ] && netopt="net=1 ip=$FO_GUEST_IP/24"
+# no vif in the guest's xl config: kemari replicate --vif serves it (and kemari receive --vif
+# after the failover)
+[ "$FO_TCP" = 1 ] && netopt="ip=$FO_GUEST_IP/24"
+[ "$FO_TCP" = 1 ] && [ "$FO_DISK" != 1 ] && lab_fail "FO_TCP=1 needs FO_DISK=1 (the guest is created paused for kemari replicate --vif --unpause)"
 name=fo-$FO_GUEST
 lab_say "failover: guest $FO_GUEST, checkpoints by $FO_QUIESCE, resume by $FO_METHOD, heartbeat ${FO_HB_MS} ms x $FO_HB_MISSES"
 lab_figure guest "$FO_GUEST"
@@ -104,6 +113,11 @@ else
   # shellcheck disable=SC2086
   lab_create_guest host1 "$FO_GUEST" "$name" "mem=128" $netopt "extra=lab.memwrite=256"
   lab_wait_console host1 "$name" 'kemari-guest memory writer' 180 || lab_fail "$name did not start"
+fi
+
+if [ "$FO_TCP" = 1 ]; then
+  rflags="$rflags --vif bridge=xenbr0,mac=$FO_MAC"
+  pflags="$pflags --vif bridge=xenbr0,mac=$FO_MAC"
 fi
 
 lab_step "kemari receive --failover on host2"
@@ -188,7 +202,7 @@ f1=$(lab_guest_console_file host1 "$name")
 if [ "$FO_TCP" = 1 ]; then
   lab_step "a TCP session from host2's dom0 to the guest's echo service"
   lab_wait_console host1 "$name" 'kemari-guest tcp service' 120 || lab_fail "the guest's TCP service did not start"
-  lab_run host2 "rm -f /tmp/tcp-fo.out; setsid sh -c '(i=0; while :; do echo fo-line-\$i; i=\$((i + 1)); sleep 0.5; done) | nc $FO_GUEST_IP 7000 >/tmp/tcp-fo.out 2>/tmp/tcp-fo.err & echo \$! >/tmp/tcp-fo.pid' </dev/null >/dev/null 2>&1"
+  lab_run host2 "rm -f /tmp/tcp-fo.out; setsid sh -c '(i=0; while :; do echo fo-line-\$i; echo \$i >/tmp/tcp-fo.sent; i=\$((i + 1)); sleep 0.5; done) | nc $FO_GUEST_IP 7000 >/tmp/tcp-fo.out 2>/tmp/tcp-fo.err & echo \$! >/tmp/tcp-fo.pid' </dev/null >/dev/null 2>&1"
   ok=0
   for _ in $(seq 60); do
     n=$(lab_run host2 "grep -c fo-line- /tmp/tcp-fo.out" 30) || true
@@ -322,6 +336,8 @@ for _ in $(seq 180); do
   sleep 1
 done
 seen_s=$(lab_since "$t0")
+# the last line the client had sent when host2's failover was complete
+[ "$FO_TCP" = 1 ] && tcp_sent_at_failover=$(lab_run host2 "cat /tmp/tcp-fo.sent" 30 || echo 0)
 lab_run host2 "cat /var/lib/kemari/receive-fo.log"
 [ -n "$rjson" ] || lab_fail "kemari receive did not finish within 180 s of the kill"
 echo "$rjson"
@@ -370,15 +386,23 @@ lab_run host2 "grep -q 'PRIMARY WITHOUT PROTECTION' /var/lib/kemari/receive-fo.l
   lab_fail "host2 did not report itself primary without protection"
 if [ "$FO_TCP" = 1 ]; then
   lab_step "the TCP session across the failover"
-  survived=no tcp_after=$tcp_before
-  for _ in $(seq 30); do
+  # survived: a line sent after the failover was complete comes back on the same connection
+  # (the nc process still runs, the guest greeted it once); TCP's retransmission backoff
+  # after the outage can take tens of seconds
+  survived=no tcp_after=$tcp_before last_echo=-1
+  t_tcp=$(lab_now)
+  for _ in $(seq 90); do
     tcp_after=$(lab_run host2 "grep -c fo-line- /tmp/tcp-fo.out" 30) || tcp_after=$tcp_before
-    if [ "$tcp_after" -gt "$tcp_before" ] && lab_run host2 'kill -0 "$(cat /tmp/tcp-fo.pid)" 2>/dev/null' 30; then
-      survived=yes
+    last_echo=$(lab_run host2 "grep -o 'fo-line-[0-9]*' /tmp/tcp-fo.out | tail -1 | cut -d- -f3" 30) || last_echo=-1
+    if [ "${last_echo:--1}" -gt "${tcp_sent_at_failover:-0}" ] && lab_run host2 'kill -0 "$(cat /tmp/tcp-fo.pid)" 2>/dev/null' 30; then
+      [ "$(lab_run host2 "grep -c kemari-count /tmp/tcp-fo.out" 30)" = 1 ] && survived=yes
       break
     fi
     sleep 1
   done
+  lab_figure tcp_failover_to_echo_s "$(lab_since "$t_tcp")"
+  lab_figure tcp_line_sent_at_failover "${tcp_sent_at_failover:-0}"
+  lab_figure tcp_last_line_echoed "$last_echo"
   lab_run host2 "tail -3 /tmp/tcp-fo.out; cat /tmp/tcp-fo.err; kill \$(cat /tmp/tcp-fo.pid) 2>/dev/null" || true
   lab_figure tcp_echoes_before_kill "$tcp_before"
   lab_figure tcp_echoes_at_end "$tcp_after"
@@ -390,9 +414,11 @@ if [ "$FO_TCP" = 1 ]; then
   if [ "$newc" = no ]; then
     # evidence for the guest's network on host2: its vif, the bridge, where the bridge and
     # dom0 think its MAC/address are
-    lab_run host2 "xl network-list $name; ip link | grep -E 'vif|xenbr'; bridge fdb show br xenbr0 2>/dev/null | grep -v permanent | head; ip neigh show $FO_GUEST_IP; ping -c 2 -W 2 $FO_GUEST_IP | tail -2" 60 || true
+    lab_run host2 "xenstore-ls /local/domain/0/backend/kemari-vif 2>/dev/null | grep -E 'state|mac'; ip link | grep -E 'vif|xenbr'; bridge fdb show br xenbr0 2>/dev/null | grep -v permanent | head; ip neigh show $FO_GUEST_IP; ping -c 2 -W 2 $FO_GUEST_IP | tail -2" 60 || true
   fi
-  lab_say "TCP session: $tcp_before echoes before the kill, $tcp_after at the end: survived=$survived; a new connection after the failover: $newc"
+  lab_say "TCP session: $tcp_before echoes before the kill, $tcp_after at the end, line ${tcp_sent_at_failover:-?} sent at the failover, $last_echo echoed last: survived=$survived; a new connection after the failover: $newc"
+  lab_run host2 "grep -E 'vif|announced' /var/lib/kemari/receive-fo.log | tail -5" || true
+  [ "$survived" = yes ] || lab_fail "the TCP session did not survive the failover (line ${tcp_sent_at_failover:-?} sent at the failover, $last_echo echoed last)"
 fi
 # FO_KEEP_GUEST=1 (scenario reprotect): the guest stays on host2, its disk served there; the
 # records are checked at the end of reprotect instead
