@@ -1,9 +1,9 @@
 //! `kemari`: the command-line tool of Kemari for Xen.
 //!
-//! Today it has the `debug` commands, which talk to Xen directly (no daemon needed) and prove
-//! the FFI on a real dom0, and `replicate`/`receive`, which run the sync engine in the foreground
-//! (the lab's handle until the control API exists). Protection through the daemon (`start`,
-//! `stop`, `status`, `failover`, ...) arrives with the control API.
+//! The operator's verbs (`start`, `stop`, `status`, `failover`, `checkpoint`, `events`) talk to
+//! this host's kemarid over its control socket (`kemari/ctl_cmd.rs`, docs/cli.md). The `debug`
+//! commands talk to Xen directly (no daemon needed) and prove the FFI on a real dom0;
+//! `replicate`/`receive` run the sync engine in the foreground (kemarid's workers run them).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -21,6 +21,8 @@ use kemarid::{domconfig, xlsave};
 mod attach_cmd;
 #[path = "kemari/commit_cmd.rs"]
 mod commit_cmd;
+#[path = "kemari/ctl_cmd.rs"]
+mod ctl_cmd;
 #[path = "kemari/fence_cmd.rs"]
 mod fence_cmd;
 #[path = "kemari/sync_cmd.rs"]
@@ -28,9 +30,10 @@ mod sync_cmd;
 
 /// Kemari for Xen: fault tolerance for Xen 4.17 HVM and PVH guests.
 ///
-/// Status: the `debug` commands, and `replicate`/`receive` (the sync engine in the foreground,
-/// until the control API exists). Protection through the daemon (start/stop/status/failover) is
-/// not implemented yet.
+/// Protect guests through this host's kemarid (start, stop, status, failover, checkpoint,
+/// events: exit status 0 on success, 1 on failure, 2 on a usage error; docs/cli.md); run the
+/// sync engine in the foreground (replicate/receive); serve a guest's disk and NIC (attach);
+/// low-level Xen operations (debug).
 #[derive(Parser, Debug)]
 #[command(name = "kemari", version, about, long_about)]
 struct Cli {
@@ -44,6 +47,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    #[command(flatten)]
+    Ctl(ctl_cmd::CtlCommand),
     /// Low-level operations on this host's Xen, run in dom0 as root. They talk to Xen directly
     /// through libxenctrl & co (Xen 4.17 only) and need no daemon.
     #[command(subcommand)]
@@ -495,6 +500,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let r = match cli.command {
+        Command::Ctl(cmd) => Ok(ctl_cmd::run(cmd, cli.json)),
         Command::Debug(cmd) => run_debug(cmd, cli.json),
         Command::Sync(cmd) => sync_cmd::run(cmd, cli.json),
         Command::Attach(args) => {
