@@ -144,5 +144,23 @@ for sh in "${shells[@]}"; do
   check "PREFIX/bin/kemari beside PREFIX/sbin/xl" 0 "kemari argc=2 RUST_LOG=$nl<stop>$nl<d>"
 done
 
+# the subcommands the wrapper's usage lists are kemari's: each answers --help (the real binary,
+# built by cargo test before scripts/test runs this)
+real_kemari=${CARGO_TARGET_DIR:-$here/target}/debug/kemari
+if [ -x "$real_kemari" ]; then
+  verbs=$(sh "$here/scripts/xl-kemari" help kemari | awk '/^ [a-z]+ +[A-Z]/ {print $1}')
+  [ "$(echo "$verbs" | wc -w)" -ge 6 ] && pass=$((pass + 1)) || { fail=$((fail + 1)); echo "FAIL: usage lists too few subcommands: $verbs"; }
+  for v in $verbs; do
+    if "$real_kemari" "$v" --help >/dev/null 2>&1; then
+      pass=$((pass + 1))
+    else
+      fail=$((fail + 1))
+      echo "FAIL: xl kemari's usage lists '$v', which $real_kemari does not know"
+    fi
+  done
+else
+  echo "xl-kemari: $real_kemari not built: subcommand list not checked against kemari"
+fi
+
 echo "xl-kemari: $pass passed, $fail failed"
 [ "$fail" = 0 ]
