@@ -303,6 +303,37 @@ fn start_waits_for_the_initial_sync_and_reports_protection() {
 }
 
 #[test]
+fn start_on_a_terminal_draws_the_initial_sync_progress() {
+    // util-linux's script(1) gives kemari a pseudo-terminal as stdout.
+    if Command::new("script").arg("--version").output().is_err() {
+        panic!("script(1) (util-linux, part of every Debian) is needed for this test");
+    }
+    let p = pair("tty");
+    let cmd = format!(
+        "{KEMARI} start web1 {} --interval-ms 50 --socket {}",
+        p.secondary.peer(),
+        p.primary.sock()
+    );
+    let o = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(
+        out.contains("initial sync"),
+        "no progress bar drawn: {out:?}"
+    );
+    // The bar is cleared (ANSI erase) before the result line.
+    assert!(out.contains("\u{1b}["), "{out:?}");
+    let bar = out.find("initial sync").unwrap();
+    let result = out.rfind("web1: protected, replica on ");
+    assert!(result.is_some_and(|r| r > bar), "{out:?}");
+    assert!(out.ends_with("\n"), "{out:?}");
+}
+
+#[test]
 fn start_json_no_wait_answers_the_guest_at_once() {
     let p = pair("startjson");
     let host = p.secondary.peer();

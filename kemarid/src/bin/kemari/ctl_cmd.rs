@@ -533,7 +533,7 @@ impl SyncBar {
     fn update(&mut self, s: &api::InitialSync) {
         if !self.sized {
             if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {pos}/{len} pages  {msg}",
+                "{prefix} [{wide_bar}] {pos}/{len} pages, {msg}",
             ) {
                 self.bar.set_style(style.progress_chars("=> "));
             }
@@ -549,7 +549,7 @@ impl SyncBar {
             None => "ETA -".to_string(),
         };
         self.bar.set_message(format!(
-            "{} pages/s, round {}, {eta}",
+            "{}/s, round {}, {eta}",
             fmt_count(s.rate_pages_per_s),
             s.round
         ));
