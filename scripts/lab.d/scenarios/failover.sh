@@ -55,6 +55,14 @@
 #                             process, one kemari-count greeting) echoes lines sent after the
 #                             failover was complete.
 
+# FO_VIA=direct|xl: how protection starts (default direct: `kemari receive` and `kemari replicate`
+# run in the foreground). xl: kemarid on both hosts, run directly (the lab's dom0s have no
+# systemd), protection started with `xl kemari start NAME HOST2` through the installed xl wrapper
+# and observed with `xl kemari status --json`, the Python client and `xl kemari events`
+# (scripts/lab.d/operator.sh, docs/install.md); needs FO_TCP=0 and FO_METHOD=restore (kemarid's
+# workers serve no NIC on the primary and resume by restore).
+FO_VIA=${FO_VIA:-direct}
+if [ "$FO_VIA" = xl ]; then source "$LAB_DIR/operator.sh"; fi
 FO_GUEST=${FO_GUEST:-pvh}
 FO_QUIESCE=${FO_QUIESCE:-suspend}
 FO_METHOD=${FO_METHOD:-restore}
@@ -120,6 +128,7 @@ if [ "$FO_TCP" = 1 ]; then
   pflags="$pflags --vif bridge=xenbr0,mac=$FO_MAC"
 fi
 
+if [ "$FO_VIA" != xl ]; then
 lab_step "kemari receive --failover on host2"
 # the guest's console log of an earlier failover to host2 in this run (failpoints, reprotect)
 c2=$(lab_guest_console_file host2 "$name")
@@ -127,6 +136,7 @@ c2=$(lab_guest_console_file host2 "$name")
 lab_run host2 "mkdir -p /var/lib/kemari && rm -rf /var/lib/kemari/spool-*"
 lab_run host2 "setsid sh -c 'echo \$\$ >/var/lib/kemari/receive-fo.pid; RUST_LOG=info exec kemari --json receive --listen 0.0.0.0:$FO_PORT --spool-dir /var/lib/kemari/spool-fo --once --heartbeat-listen 0.0.0.0:$FO_HB_PORT --heartbeat-ms $FO_HB_MS --heartbeat-misses $FO_HB_MISSES --failover --failover-method $FO_METHOD $rflags >/var/lib/kemari/receive-fo.json 2>/var/lib/kemari/receive-fo.log' </dev/null >/dev/null 2>&1 &"
 sleep 2
+fi
 
 lab_step "kemari replicate on host1 (heartbeat, checkpoints by $FO_QUIESCE)"
 qflag=""
@@ -140,7 +150,10 @@ if [ "$FO_KILL_AT" != random ]; then
   fpenv="KEMARI_DEBUG_FAILPOINT=$FO_KILL_AT KEMARI_DEBUG_FAILPOINT_MS=120000 KEMARI_DEBUG_FAILPOINT_SEQ=$FO_KILL_SEQ KEMARI_DEBUG_FAILPOINT_FILE=/share/failpoint"
 fi
 lab_figure kill_at "$FO_KILL_AT"
+lab_figure via "$FO_VIA"
+if [ "$FO_VIA" = xl ]; then op_fo_start "$name" "$rflags" "$pflags" "$fpenv"; else
 lab_run host1 "setsid sh -c '$fpenv RUST_LOG=info kemari replicate $name $(lab_host_ip host2):$FO_PORT --interval-ms $FO_INTERVAL_MS --ack-timeout-s 60 $qflag --heartbeat-port $FO_HB_PORT --heartbeat-ms $FO_HB_MS --heartbeat-misses $FO_HB_MISSES $pflags >/tmp/replicate-fo.out 2>/tmp/replicate-fo.log & echo \$! >/tmp/replicate-fo.pid' </dev/null >/dev/null 2>&1"
+fi
 # fo_wait_marker: wait (up to 240 s) for kemari replicate's failpoint marker; prints it
 fo_wait_marker() {
   local _
@@ -191,6 +204,7 @@ done
   lab_fail "initial sync did not finish"
 }
 lab_run host1 "grep 'initial sync' /tmp/replicate-fo.log | tail -2"
+if [ "$FO_VIA" = xl ]; then op_fo_observe_protected "$name"; fi
 if [ "$FO_DISK" = 1 ]; then
   lab_wait_console host1 "$name" 'kemari-disk wrote [0-9]+' 180 || {
     lab_run host1 "tail -20 /tmp/replicate-fo.log" || true
@@ -384,6 +398,7 @@ lab_say "console heartbeat: host1 last 'alive ${last1_after:-?}', host2 first 'a
 lab_guest_live host2 "$name" || lab_fail "$name is not running on host2"
 lab_run host2 "grep -q 'PRIMARY WITHOUT PROTECTION' /var/lib/kemari/receive-fo.log" ||
   lab_fail "host2 did not report itself primary without protection"
+if [ "$FO_VIA" = xl ]; then op_fo_observe_failover "$name"; fi
 if [ "$FO_TCP" = 1 ]; then
   lab_step "the TCP session across the failover"
   # survived: a line sent after the failover was complete comes back on the same connection
