@@ -78,6 +78,9 @@ lab_wait_console host1 commit-pvh 'kemari-disk start' 300 || { commit_logs; lab_
 t1=$(lab_now)
 if [ "$COMMIT_NET" = 1 ]; then
   lab_wait_console host1 commit-pvh 'kemari-guest tcp service' 120 || { commit_logs; lab_fail "the guest's TCP service did not start on its output-committed NIC"; }
+  # the guest's ARP replies wait for a checkpoint's ACK like its other frames: resolve first
+  lab_run host1 "for i in \$(seq 30); do ping -c 1 -W 10 $COMMIT_GUEST_IP >/dev/null 2>&1 && exit 0; done; exit 1" 400 ||
+    { commit_logs; lab_fail "the guest at $COMMIT_GUEST_IP does not answer ping from dom0"; }
   tn=$(lab_now)
   lab_run host1 "rm -f /tmp/commit-net.*; setsid sh -c 'head -c $((COMMIT_NET_KIB * 1024)) /dev/zero | nc -w 120 $COMMIT_GUEST_IP 7001 >/tmp/commit-net.sink 2>&1; (i=0; while [ \$i -lt $COMMIT_NET_LINES ]; do echo commit-line-\$i; i=\$((i + 1)); sleep 0.05; done) | nc -w 60 $COMMIT_GUEST_IP 7000 >/tmp/commit-net.echo 2>&1; echo done >/tmp/commit-net.done' </dev/null >/dev/null 2>&1 &"
 fi

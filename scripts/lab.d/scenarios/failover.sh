@@ -216,6 +216,10 @@ f1=$(lab_guest_console_file host1 "$name")
 if [ "$FO_TCP" = 1 ]; then
   lab_step "a TCP session from host2's dom0 to the guest's echo service"
   lab_wait_console host1 "$name" 'kemari-guest tcp service' 120 || lab_fail "the guest's TCP service did not start"
+  # the guest's ARP replies are frames under output commit too: on loaded hosts a suspend
+  # checkpoint can take longer than dom0's 3 ARP probes, so resolve the address first
+  lab_run host2 "for i in \$(seq 30); do ping -c 1 -W 10 $FO_GUEST_IP >/dev/null 2>&1 && exit 0; done; exit 1" 400 ||
+    lab_fail "the guest at $FO_GUEST_IP does not answer ping from host2"
   lab_run host2 "rm -f /tmp/tcp-fo.out; setsid sh -c '(i=0; while :; do echo fo-line-\$i; echo \$i >/tmp/tcp-fo.sent; i=\$((i + 1)); sleep 0.5; done) | nc $FO_GUEST_IP 7000 >/tmp/tcp-fo.out 2>/tmp/tcp-fo.err & echo \$! >/tmp/tcp-fo.pid' </dev/null >/dev/null 2>&1"
   ok=0
   for _ in $(seq 60); do
