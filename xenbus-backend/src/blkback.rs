@@ -248,7 +248,7 @@ struct Held {
 pub enum VbdStatus {
     /// Waiting for or serving the frontend.
     Active(BackendState),
-    /// Ended by a protocol error; the reason.
+    /// Ended by a protocol error; the reason (also once its guest is gone).
     Failed(String),
     /// The frontend's directory is gone (guest destroyed).
     Gone,
@@ -507,10 +507,10 @@ impl<'h> Vbd<'h> {
 
     /// Where the device is.
     pub fn status(&self) -> VbdStatus {
-        if self.gone {
-            VbdStatus::Gone
-        } else if let Some(f) = &self.failure {
+        if let Some(f) = &self.failure {
             VbdStatus::Failed(f.clone())
+        } else if self.gone {
+            VbdStatus::Gone
         } else {
             VbdStatus::Active(self.state)
         }
@@ -582,7 +582,9 @@ impl<'h> Vbd<'h> {
     /// device and removes its nodes.
     pub fn run(&mut self, stop: &AtomicBool) -> Result<VbdStatus, VbdError> {
         while !stop.load(Ordering::Relaxed) {
-            if self.poll(Some(Duration::from_millis(200)))? == VbdStatus::Gone {
+            self.poll(Some(Duration::from_millis(200)))?;
+            // a failed device's guest may be gone too: its status stays Failed
+            if self.gone {
                 break;
             }
         }

@@ -303,7 +303,7 @@ struct HeldTx {
 pub enum VifStatus {
     /// Waiting for or serving the frontend.
     Active(BackendState),
-    /// Ended by a protocol error; the reason.
+    /// Ended by a protocol error; the reason (also once its guest is gone).
     Failed(String),
     /// The frontend's directory is gone (guest destroyed).
     Gone,
@@ -542,10 +542,10 @@ impl<'h> Vif<'h> {
 
     /// Where the device is.
     pub fn status(&self) -> VifStatus {
-        if self.gone {
-            VifStatus::Gone
-        } else if let Some(f) = &self.failure {
+        if let Some(f) = &self.failure {
             VifStatus::Failed(f.clone())
+        } else if self.gone {
+            VifStatus::Gone
         } else {
             VifStatus::Active(self.state)
         }
@@ -626,7 +626,9 @@ impl<'h> Vif<'h> {
     /// device and removes its nodes.
     pub fn run(&mut self, stop: &AtomicBool) -> Result<VifStatus, VifError> {
         while !stop.load(Ordering::Relaxed) {
-            if self.poll(Some(Duration::from_millis(200)))? == VifStatus::Gone {
+            self.poll(Some(Duration::from_millis(200)))?;
+            // a failed device's guest may be gone too: its status stays Failed
+            if self.gone {
                 break;
             }
         }

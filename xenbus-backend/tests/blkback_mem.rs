@@ -448,6 +448,15 @@ fn ring_index_beyond_the_ring_closes_only_that_device() {
     f2.kick();
     assert_eq!(poll(&mut v2), CONNECTED);
     assert_eq!(f2.responses()[0].status.get(), 0);
+
+    // the failed device's guest is destroyed: run ends, and what it reports is the failure
+    drop(f);
+    s.host.destroy_domain(s.domid).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    match v.run(&stop).unwrap() {
+        VbdStatus::Failed(why) => assert!(why.contains("req_prod 33"), "{why}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

@@ -43,18 +43,23 @@ fn sector_of(img: &std::path::Path, sector: u64) -> Vec<u8> {
     d[sector as usize * 512..sector as usize * 512 + 512].to_vec()
 }
 
+/// The guest's xvda served from `img`.
+fn xvda<'h>(host: &'h MemXen, domid: hypervisor::DomId, img: &std::path::Path) -> Vbd<'h> {
+    Vbd::create(
+        host,
+        host.open_xenstore().unwrap(),
+        host.open_event_channels().unwrap(),
+        &VbdConfig::xvda(domid, img.to_path_buf()),
+    )
+    .unwrap()
+}
+
 #[test]
 fn writes_are_held_until_their_checkpoint_is_acked_and_logged_for_it() {
     let host = MemXen::new();
     let domid = host.create_domain(DomainConfig::pvh(1024)).unwrap();
     let img = image("held.img");
-    let mut v = Vbd::create(
-        &host,
-        host.open_xenstore().unwrap(),
-        host.open_event_channels().unwrap(),
-        &VbdConfig::xvda(domid, img.clone()),
-    )
-    .unwrap();
+    let mut v = xvda(&host, domid, &img);
     let kicks = Arc::new(AtomicU64::new(0));
     let gate = OutputGate::new(1, Box::new(Kicks(kicks.clone())));
     let lines = Lines::default();
@@ -179,13 +184,7 @@ fn a_device_without_a_gate_serves_writes_at_once() {
     let host = MemXen::new();
     let domid = host.create_domain(DomainConfig::pvh(1024)).unwrap();
     let img = image("open.img");
-    let mut v = Vbd::create(
-        &host,
-        host.open_xenstore().unwrap(),
-        host.open_event_channels().unwrap(),
-        &VbdConfig::xvda(domid, img.clone()),
-    )
-    .unwrap();
+    let mut v = xvda(&host, domid, &img);
     let mut f = Front::connect(&host, domid, 51712, None);
     v.poll(Some(Duration::ZERO)).unwrap();
     f.set_state(4);

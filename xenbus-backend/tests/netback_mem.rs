@@ -92,30 +92,41 @@ impl Front {
         }
     }
 
+    /// A node's value, `None` if it cannot be read.
+    fn node(&self, path: &str) -> Option<String> {
+        let v = self.xs.read(Tx::NONE, path).ok()?;
+        Some(String::from_utf8(v).unwrap())
+    }
+
     fn back_node(&self, node: &str) -> String {
-        String::from_utf8(
-            self.xs
-                .read(Tx::NONE, &format!("{}/{node}", self.back))
-                .unwrap_or_default(),
-        )
-        .unwrap()
+        self.node(&format!("{}/{node}", self.back))
+            .unwrap_or_default()
     }
 
     fn front_node(&self, node: &str) -> String {
-        String::from_utf8(
-            self.xs
-                .read(Tx::NONE, &format!("{}/{node}", self.dir))
-                .unwrap(),
-        )
-        .unwrap()
+        self.node(&format!("{}/{node}", self.dir)).unwrap()
+    }
+
+    /// Writes a request into the next slot of the ring at `pfn` (TX or RX).
+    fn push(&mut self, pfn: Pfn, req: &[u8]) {
+        let (prod, size) = if pfn == TX_PFN {
+            (&mut self.tx_prod, TX_ENTRY_SIZE)
+        } else {
+            (&mut self.rx_prod, RX_ENTRY_SIZE)
+        };
+        let slot = (*prod % RING) as usize;
+        *prod = prod.wrapping_add(1);
+        self.g.write(pfn, 64 + slot * size, req).unwrap();
+    }
+
+    /// Publishes `req_prod` of the ring at `pfn` and kicks the backend.
+    fn publish(&mut self, pfn: Pfn, req_prod: u32) {
+        self.g.write(pfn, 0, &req_prod.to_le_bytes()).unwrap();
+        self.g.evtchn_notify(self.port).unwrap();
     }
 
     fn tx_push(&mut self, req: &[u8; TX_ENTRY_SIZE]) {
-        let slot = (self.tx_prod % RING) as usize;
-        self.g
-            .write(TX_PFN, 64 + slot * TX_ENTRY_SIZE, req)
-            .unwrap();
-        self.tx_prod = self.tx_prod.wrapping_add(1);
+        self.push(TX_PFN, req);
     }
 
     fn kick_tx(&mut self) {
@@ -123,8 +134,7 @@ impl Front {
     }
 
     fn set_tx_req_prod(&mut self, v: u32) {
-        self.g.write(TX_PFN, 0, &v.to_le_bytes()).unwrap();
-        self.g.evtchn_notify(self.port).unwrap();
+        self.publish(TX_PFN, v);
     }
 
     fn rx_post(&mut self, id: u16, gref: GrantRef) {
@@ -133,18 +143,11 @@ impl Front {
             pad: U16::new(0),
             gref: U32::new(gref),
         };
-        let slot = (self.rx_prod % RING) as usize;
-        self.g
-            .write(RX_PFN, 64 + slot * RX_ENTRY_SIZE, r.as_bytes())
-            .unwrap();
-        self.rx_prod = self.rx_prod.wrapping_add(1);
+        self.push(RX_PFN, r.as_bytes());
     }
 
     fn kick_rx(&mut self) {
-        self.g
-            .write(RX_PFN, 0, &self.rx_prod.to_le_bytes())
-            .unwrap();
-        self.g.evtchn_notify(self.port).unwrap();
+        self.publish(RX_PFN, self.rx_prod);
     }
 
     fn rsp_prod(&self, pfn: Pfn) -> u32 {
@@ -153,40 +156,40 @@ impl Front {
         u32::from_le_bytes(b)
     }
 
-    fn tx_responses(&mut self) -> Vec<TxResponse> {
-        let prod = self.rsp_prod(TX_PFN);
+    /// Takes the responses published on the ring at `pfn` (the first `len` bytes of each
+    /// slot) and asks for an event at the next one (`rsp_event`).
+    fn take_responses(&mut self, pfn: Pfn, len: usize) -> Vec<Vec<u8>> {
+        let prod = self.rsp_prod(pfn);
+        let (cons, size) = if pfn == TX_PFN {
+            (&mut self.tx_cons, TX_ENTRY_SIZE)
+        } else {
+            (&mut self.rx_cons, RX_ENTRY_SIZE)
+        };
         let mut out = Vec::new();
-        while self.tx_cons != prod {
-            let slot = (self.tx_cons % RING) as usize;
-            let mut e = [0u8; 4];
-            self.g
-                .read(TX_PFN, 64 + slot * TX_ENTRY_SIZE, &mut e)
-                .unwrap();
-            out.push(TxResponse::read_from_bytes(&e).unwrap());
-            self.tx_cons = self.tx_cons.wrapping_add(1);
+        while *cons != prod {
+            let slot = (*cons % RING) as usize;
+            let mut e = vec![0u8; len];
+            self.g.read(pfn, 64 + slot * size, &mut e).unwrap();
+            out.push(e);
+            *cons = cons.wrapping_add(1);
         }
-        self.g
-            .write(TX_PFN, 12, &self.tx_cons.wrapping_add(1).to_le_bytes())
-            .unwrap();
+        let next = cons.wrapping_add(1);
+        self.g.write(pfn, 12, &next.to_le_bytes()).unwrap();
         out
     }
 
+    fn tx_responses(&mut self) -> Vec<TxResponse> {
+        self.take_responses(TX_PFN, 4)
+            .iter()
+            .map(|e| TxResponse::read_from_bytes(e).unwrap())
+            .collect()
+    }
+
     fn rx_responses(&mut self) -> Vec<RxResponse> {
-        let prod = self.rsp_prod(RX_PFN);
-        let mut out = Vec::new();
-        while self.rx_cons != prod {
-            let slot = (self.rx_cons % RING) as usize;
-            let mut e = [0u8; RX_ENTRY_SIZE];
-            self.g
-                .read(RX_PFN, 64 + slot * RX_ENTRY_SIZE, &mut e)
-                .unwrap();
-            out.push(RxResponse::read_from_bytes(&e).unwrap());
-            self.rx_cons = self.rx_cons.wrapping_add(1);
-        }
-        self.g
-            .write(RX_PFN, 12, &self.rx_cons.wrapping_add(1).to_le_bytes())
-            .unwrap();
-        out
+        self.take_responses(RX_PFN, RX_ENTRY_SIZE)
+            .iter()
+            .map(|e| RxResponse::read_from_bytes(e).unwrap())
+            .collect()
     }
 
     fn grant(&self, pfn: Pfn, readonly: bool) -> GrantRef {
