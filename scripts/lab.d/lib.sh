@@ -37,6 +37,18 @@ lab_new_run() { # creates $LAB_RUN
     [ -e "$f" ] || lab_die "missing $f (run scripts/lab prepare)"
     cp -L "$f" "$LAB_RUN/ro/"
   done
+  # the hostile frontend as an initramfs to append to guest.cpio (scenario hostile): a guest
+  # booted from `cat guest.cpio hostile.cpio` has /usr/local/bin/kemari-hostile
+  if [ -x "$LAB_REPO/${LAB_HOSTILE_BIN:-}" ] && [ -n "${LAB_HOSTILE_BIN:-}" ]; then
+    local st="$LAB_RUN/.hostile.d"
+    rm -rf "$st" && mkdir -p "$st/usr/local/bin"
+    strip -o "$st/usr/local/bin/kemari-hostile" "$LAB_REPO/$LAB_HOSTILE_BIN" 2>/dev/null ||
+      cp "$LAB_REPO/$LAB_HOSTILE_BIN" "$st/usr/local/bin/kemari-hostile"
+    chmod 755 "$st/usr/local/bin/kemari-hostile"
+    (cd "$st" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet -R 0:0) \
+      >"$LAB_RUN/ro/hostile.cpio" || lab_die "building hostile.cpio failed"
+    rm -rf "$st"
+  fi
 }
 
 lab_host_dir() { echo "$LAB_RUN/$1"; }
@@ -360,10 +372,11 @@ lab_copy_out() {
 #   TYPE: pvh | hvm.  Options: mem=MiB (default 128), disk=MiB (qdisk-backed raw file in dom0
 #   /var/lib/lab/NAME.img), net=1 (vif on xenbr0; guest address lab.ip=10.77.0.(100+n)), ip=A.B.C.D/24,
 #   extra='kernel args', paused=1 (xl create -p: the guest stays paused, e.g. for kemari attach),
-#   diskspec='xl disk spec' (a disk line of its own instead of disk=MiB's qdisk). Sets
+#   diskspec='xl disk spec' (a disk line of its own instead of disk=MiB's qdisk), ramdisk=PATH
+#   (in dom0; default /lab/guest.cpio). Sets
 #   LAB_CREATE_SECONDS.
 lab_create_guest() {
-  local h=$1 type=$2 name=$3 mem=128 disk=0 net=0 gip="" extra="" paused=0 diskspec="" o
+  local h=$1 type=$2 name=$3 mem=128 disk=0 net=0 gip="" extra="" paused=0 diskspec="" ramdisk=/lab/guest.cpio o
   shift 3
   for o in "$@"; do
     case "$o" in
@@ -374,6 +387,7 @@ lab_create_guest() {
       extra=*) extra=${o#extra=} ;;
       paused=*) paused=${o#paused=} ;;
       diskspec=*) diskspec=${o#diskspec=} ;;
+      ramdisk=*) ramdisk=${o#ramdisk=} ;;
       *) lab_say "lab_create_guest: unknown option '$o'"; return 2 ;;
     esac
   done
@@ -392,7 +406,7 @@ lab_create_guest() {
     echo "memory = $mem"
     echo "vcpus = 1"
     echo "kernel = \"/lab/vmlinuz\""
-    echo "ramdisk = \"/lab/guest.cpio\""
+    echo "ramdisk = \"$ramdisk\""
     echo "cmdline = \"console=$console loglevel=4 lab.name=$name${gip:+ lab.ip=$gip} $extra\""
     echo "on_crash = \"preserve\""
     echo "on_poweroff = \"destroy\""

@@ -17,7 +17,8 @@ LAB_DEB_ROOTS=(xen-hypervisor-4.17-amd64 xen-utils-4.17 xen-utils-common xenstor
 LAB_DOM0_MODULES=(xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs xen-netback xen-blkback
   xen-pciback virtio_pci virtio_net 9p 9pnet_virtio bridge tun loop)
 # Kernel modules guests load.
-LAB_GUEST_MODULES=(xen-blkfront xen-netfront virtio_pci virtio_net virtio_blk)
+LAB_GUEST_MODULES=(xen-blkfront xen-netfront virtio_pci virtio_net virtio_blk
+  xen-gntalloc xen-evtchn) # the last two: /dev/xen/gntalloc and evtchn for the hostile frontend
 
 # Host tools `prepare` and `boot` need: command -> Debian package.
 declare -A LAB_HOST_TOOLS=([qemu-system-x86_64]=qemu-system-x86 [busybox]=busybox-static
@@ -341,7 +342,15 @@ lab_prepare_binaries() {
   fi
   [ -x "$LAB_REPO/target/release/kemari" ] && [ -x "$LAB_REPO/target/release/kemarid" ] ||
     lab_die "cargo build succeeded but target/release/kemari or kemarid is missing"
+  # the hostile frontend (tests/hostile-frontend) runs in a guest, which has no libraries: a
+  # static build, shipped as an initramfs appended to guest.cpio (lab_new_run, scenario hostile)
+  if [ -z "${KEMARI_LAB_NO_BUILD:-}" ] || [ ! -x "$LAB_REPO/$LAB_HOSTILE_BIN" ]; then
+    (cd "$LAB_REPO" && RUSTFLAGS="-C target-feature=+crt-static" \
+      cargo build --release -p kemari-hostile --target x86_64-unknown-linux-gnu) ||
+      lab_die "static build of kemari-hostile FAILED (needs glibc's static libc.a: libc6-dev)"
+  fi
 }
+LAB_HOSTILE_BIN=target/x86_64-unknown-linux-gnu/release/kemari-hostile
 
 lab_prepare() {
   local t0=$SECONDS
