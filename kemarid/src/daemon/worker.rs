@@ -373,7 +373,37 @@ impl Backend for XenBackend {
     }
 
     fn start_secondary(&self, spec: &WorkerSpec) -> Result<(Box<dyn Worker>, u16), ApiError> {
-        Ok((self.spawn(spec, secondary_args(spec))?, spec.heartbeat_port))
+        let mut w = self.spawn(spec, secondary_args(spec))?;
+        // the primary's worker connects as soon as we answer: wait until this one listens
+        // (lab run 20261201-041807: "Connection refused" otherwise)
+        let port = spec.heartbeat_port;
+        let t0 = std::time::Instant::now();
+        while !tcp_listening(port) {
+            if let Some(code) = w.try_exit() {
+                return Err(ApiError::new(
+                    ErrorCode::Internal,
+                    format!(
+                        "guest {}: the receiving worker ended before it listened on port {port} ({})",
+                        spec.dom,
+                        code.map_or("killed".into(), |c| format!("status {c}"))
+                    ),
+                    format!("see {}", spec.dir.join(LOG_FILE).display()),
+                ));
+            }
+            if t0.elapsed() > std::time::Duration::from_secs(30) {
+                let _ = w.ask(Ask::Stop);
+                return Err(ApiError::new(
+                    ErrorCode::Internal,
+                    format!(
+                        "guest {}: the receiving worker does not listen on port {port} after 30 s",
+                        spec.dom
+                    ),
+                    format!("see {}", spec.dir.join(LOG_FILE).display()),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok((w, port))
     }
 
     fn adopt(&self, rec: &GuestRecord, dir: &Path) -> Option<Box<dyn Worker>> {
@@ -388,6 +418,23 @@ impl Backend for XenBackend {
             .destroy(d)
             .map_err(|e| format!("xl destroy {domid}: {e}"))
     }
+}
+
+/// Whether something on this host listens on TCP `port` (any address), from /proc/net/tcp and
+/// tcp6 (state 0A = LISTEN), without connecting (a `receive --once` worker serves one
+/// connection).
+pub fn tcp_listening(port: u16) -> bool {
+    let want = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        std::fs::read_to_string(f).is_ok_and(|t| {
+            t.lines().skip(1).any(|l| {
+                let mut cols = l.split_whitespace();
+                let local = cols.nth(1).unwrap_or("");
+                let state = cols.nth(1).unwrap_or("");
+                local.ends_with(&want) && state == "0A"
+            })
+        })
+    })
 }
 
 /// The status a worker last wrote, if readable.
@@ -440,6 +487,15 @@ mod tests {
             a,
             "--json receive --listen 0.0.0.0:7210 --spool-dir /var/lib/kemari/spool/web1 --once --name web1 --heartbeat-listen 0.0.0.0:7210 --failover --disk /srv/web1-copy.img --vdev xvda --vif mac=00:16:3e:00:00:01 --heartbeat-ms 100 --heartbeat-misses 5 --status-file /run/kemari/guests/web1/status.json"
         );
+    }
+
+    #[test]
+    fn listening_ports_are_seen_without_connecting() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert!(tcp_listening(port));
+        drop(l);
+        assert!(!tcp_listening(port));
     }
 
     #[test]
