@@ -131,7 +131,8 @@ op_status_json() { op_xl "$1" "kemari status --json ${2:-}" 60; }
 # failover.sh starts protection with op_fo_start instead of running `kemari receive` and
 # `kemari replicate` itself, and calls op_fo_observe_protected once the initial sync is done and
 # op_fo_observe_failover after host2 ran the guest. The scenario's knobs become kemarid.conf
-# sections for the guest ([guest.NAME]: interval, suspend, heartbeat, disk, disk copy, unpause);
+# sections for the guest ([guest.NAME]: interval, suspend and its timeout, heartbeat, disk, disk
+# copy, unpause);
 # `xl kemari start NAME HOST2` asks host1's kemarid, which asks host2's, and each runs a worker
 # process (`kemari replicate` / `kemari receive`, docs/api.md). So that the scenario's own checks
 # (worker logs, its pid, receive's JSON lines) read the same evidence as with FO_VIA=direct, the
@@ -161,6 +162,11 @@ suspend = $([ "$FO_QUIESCE" = suspend ] && echo true || echo false)
 heartbeat_ms = $FO_HB_MS
 heartbeat_misses = $FO_HB_MISSES"
   if [ "$role" = primary ]; then
+    # as FO_VIA=direct's --suspend-timeout-s 120: with --unpause the first checkpoint's suspend
+    # request meets a guest that has only begun to boot (replicate's default 10 s, and 30 s,
+    # failed in runs 20261201-040440-32518 and -041422-6358)
+    [ "$FO_QUIESCE" = suspend ] && f="$f
+suspend_timeout_s = 120"
     [ -n "$disk" ] && f="$f
 disk = \"$disk\""
     f="$f

@@ -103,6 +103,8 @@ pub struct GuestConfig {
     pub interval_ms: Option<u64>,
     /// Checkpoints at suspend points.
     pub suspend: Option<bool>,
+    /// Seconds the guest may take to suspend for one checkpoint (primary, with `suspend`).
+    pub suspend_timeout_s: Option<u64>,
     /// The guest's disk image (primary).
     pub disk: Option<PathBuf>,
     /// The secondary's copy of it.
@@ -119,6 +121,13 @@ pub struct GuestConfig {
     pub heartbeat_misses: Option<u32>,
 }
 
+/// `kemari replicate`'s own default for `--suspend-timeout-s`.
+pub const DEFAULT_SUSPEND_TIMEOUT_S: u64 = 10;
+
+fn default_suspend_timeout_s() -> u64 {
+    DEFAULT_SUSPEND_TIMEOUT_S
+}
+
 /// A guest's options with every default applied.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resolved {
@@ -126,6 +135,11 @@ pub struct Resolved {
     pub interval_ms: u64,
     /// Checkpoints at suspend points.
     pub suspend: bool,
+    /// Seconds the guest may take to suspend (primary; `kemari replicate --suspend-timeout-s`).
+    /// Not a request option: the primary's kemarid.conf sets it. Absent in the records of
+    /// daemons that predate it: the default.
+    #[serde(default = "default_suspend_timeout_s")]
+    pub suspend_timeout_s: u64,
     /// The guest's disk image.
     pub disk: Option<PathBuf>,
     /// The secondary's copy.
@@ -202,6 +216,9 @@ impl Config {
             if g.interval_ms == Some(0) {
                 return Err(bad("interval_ms", "0".into(), "must be at least 1"));
             }
+            if g.suspend_timeout_s == Some(0) {
+                return Err(bad("suspend_timeout_s", "0".into(), "must be at least 1"));
+            }
             if g.heartbeat_ms == Some(0) {
                 return Err(bad("heartbeat_ms", "0".into(), "must be at least 1"));
             }
@@ -239,6 +256,10 @@ impl Config {
                 .or(d.interval_ms)
                 .unwrap_or(100),
             suspend: opts.suspend.or(g.suspend).or(d.suspend).unwrap_or(true),
+            suspend_timeout_s: g
+                .suspend_timeout_s
+                .or(d.suspend_timeout_s)
+                .unwrap_or(DEFAULT_SUSPEND_TIMEOUT_S),
             disk: opts.disk.clone().or(g.disk).or(d.disk.clone()),
             disk_copy: opts
                 .disk_copy
@@ -273,6 +294,9 @@ impl Config {
         };
         if r.interval_ms == 0 {
             return Err(bad("interval_ms"));
+        }
+        if r.suspend_timeout_s == 0 {
+            return Err(bad("suspend_timeout_s"));
         }
         if r.heartbeat_ms == 0 {
             return Err(bad("heartbeat_ms"));
@@ -318,10 +342,12 @@ disk = "/srv/xen/web1.img"
 disk_copy = "/srv/xen/web1-copy.img"
 vif = "mac=00:16:3e:00:00:01,bridge=xenbr0"
 interval_ms = 50
+suspend_timeout_s = 120
 "#;
         let c = Config::parse(text, Path::new("t.conf")).unwrap();
         let r = c.resolve("web1", &StartOptions::default()).unwrap();
         assert_eq!(r.interval_ms, 50);
+        assert_eq!(r.suspend_timeout_s, 120);
         assert_eq!(r.disk.as_deref(), Some(Path::new("/srv/xen/web1.img")));
         let r = c
             .resolve(
@@ -337,6 +363,7 @@ interval_ms = 50
         assert_eq!(other.disk, None);
         assert!(other.suspend);
         assert_eq!(other.heartbeat_misses, 5);
+        assert_eq!(other.suspend_timeout_s, DEFAULT_SUSPEND_TIMEOUT_S);
         // resolved options survive the trip to the peer
         let back = c.resolve("other", &other.to_options()).unwrap();
         assert_eq!(back, other);
@@ -348,6 +375,10 @@ interval_ms = 50
             ("[daemon]\nsockett = \"x\"\n", "sockett"),
             ("[daemon]\ndata_ports = \"9-3\"\n", "daemon.data_ports"),
             ("[guest.a]\ninterval_ms = 0\n", "guest.a.interval_ms"),
+            (
+                "[defaults]\nsuspend_timeout_s = 0\n",
+                "defaults.suspend_timeout_s",
+            ),
             ("[defaults]\nsuspend = \"yes\"\n", "suspend"),
             ("not toml at all", "t.conf"),
         ] {
@@ -369,5 +400,17 @@ interval_ms = 50
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::BadRequest);
         assert!(e.message.contains("heartbeat_ms"));
+    }
+
+    #[test]
+    fn resolved_options_of_an_older_daemon_get_the_default_suspend_timeout() {
+        let r = Config::default()
+            .resolve("g", &StartOptions::default())
+            .unwrap();
+        let mut v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["suspend_timeout_s"], DEFAULT_SUSPEND_TIMEOUT_S);
+        v.as_object_mut().unwrap().remove("suspend_timeout_s");
+        let old: Resolved = serde_json::from_value(v).unwrap();
+        assert_eq!(old, r);
     }
 }

@@ -286,6 +286,10 @@ pub fn primary_args(spec: &WorkerSpec) -> Vec<String> {
     ];
     if spec.opts.suspend {
         a.push("--suspend".into());
+        a.extend([
+            "--suspend-timeout-s".into(),
+            spec.opts.suspend_timeout_s.to_string(),
+        ]);
     }
     if let Some(d) = &spec.opts.disk {
         a.extend(["--disk".into(), d.display().to_string()]);
@@ -460,6 +464,7 @@ mod tests {
             opts: Resolved {
                 interval_ms: 50,
                 suspend: true,
+                suspend_timeout_s: 120,
                 disk: Some("/srv/web1.img".into()),
                 disk_copy: Some("/srv/web1-copy.img".into()),
                 vdev: "xvda".into(),
@@ -480,7 +485,7 @@ mod tests {
         let a = primary_args(&spec()).join(" ");
         assert_eq!(
             a,
-            "--json replicate 7 host2:7210 --interval-ms 50 --heartbeat-port 7210 --suspend --disk /srv/web1.img --vdev xvda --unpause --heartbeat-ms 100 --heartbeat-misses 5 --status-file /run/kemari/guests/web1/status.json"
+            "--json replicate 7 host2:7210 --interval-ms 50 --heartbeat-port 7210 --suspend --suspend-timeout-s 120 --disk /srv/web1.img --vdev xvda --unpause --heartbeat-ms 100 --heartbeat-misses 5 --status-file /run/kemari/guests/web1/status.json"
         );
         let a = secondary_args(&spec()).join(" ");
         assert_eq!(
