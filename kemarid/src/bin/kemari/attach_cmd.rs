@@ -164,6 +164,23 @@ pub(crate) fn create_vif<'h>(
         .with_context(|| format!("creating vif {} for domain {domid}", spec.devid))
 }
 
+/// `vif DEVID (mac MAC) on tap TAP[ in bridge BRIDGE][, GSO] at BACKEND`: how `kemari attach`
+/// and `kemari replicate` name a vif they serve (`with_gso`: say ", GSO" when the tap offers it).
+pub(crate) fn describe_vif(vif: &Vif<'_>, spec: &VifSpec, with_gso: bool) -> String {
+    format!(
+        "vif {} (mac {}) on tap {}{}{} at {}",
+        vif.config().devid,
+        vif.config().mac_string(),
+        vif.tap_name(),
+        spec.bridge
+            .as_deref()
+            .map(|b| format!(" in bridge {b}"))
+            .unwrap_or_default(),
+        if with_gso && spec.gso { ", GSO" } else { "" },
+        vif.paths().backend
+    )
+}
+
 /// Runs `kemari attach`.
 pub fn run(hv: &dyn Hypervisor, args: AttachArgs, json: bool) -> anyhow::Result<ExitCode> {
     let vif_spec = args.vif.as_deref().map(parse_vif_spec).transpose()?;
@@ -212,16 +229,8 @@ pub fn run(hv: &dyn Hypervisor, args: AttachArgs, json: bool) -> anyhow::Result<
             let mut out = std::io::stdout().lock();
             writeln!(
                 out,
-                "kemari attach: domain {domid} vif {} (mac {}) on tap {}{}{} at {}, state {}",
-                vif.config().devid,
-                vif.config().mac_string(),
-                vif.tap_name(),
-                spec.bridge
-                    .as_deref()
-                    .map(|b| format!(" in bridge {b}"))
-                    .unwrap_or_default(),
-                if spec.gso { ", GSO" } else { "" },
-                vif.paths().backend,
+                "kemari attach: domain {domid} {}, state {}",
+                describe_vif(&vif, spec, true),
                 vif.state()
             )?;
             out.flush()?;

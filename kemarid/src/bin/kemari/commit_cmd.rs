@@ -642,17 +642,7 @@ fn start_vif(
             .context("opening this host's Xen for the vif thread")?;
         let mut vif = crate::attach_cmd::create_vif(&host, domid, &spec)?;
         vif.protect(g.clone())?;
-        let _ = ready.send(Ok(format!(
-            "vif {} (mac {}) on tap {}{} at {}",
-            vif.config().devid,
-            vif.config().mac_string(),
-            vif.tap_name(),
-            spec.bridge
-                .as_deref()
-                .map(|b| format!(" in bridge {b}"))
-                .unwrap_or_default(),
-            vif.paths().backend
-        )));
+        let _ = ready.send(Ok(crate::attach_cmd::describe_vif(&vif, &spec, false)));
         let status = vif.run(stop).context("serving the vif")?;
         Ok(vif_report(
             vif.config().devid,
