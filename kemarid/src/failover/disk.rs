@@ -121,10 +121,7 @@ pub fn serve_and_unpause<'h>(
         step,
         source,
     };
-    let info = hv.domain_info(domid).map_err(|e| xen("domain info", e))?;
-    if !info.paused {
-        return Err(FailoverDiskError::NotPaused { domid });
-    }
+    super::require_paused(hv, domid, xen, FailoverDiskError::NotPaused { domid })?;
     let config = VbdConfig {
         domid,
         devid: disk.devid,

@@ -3,6 +3,8 @@
 //! `kemari replicate` died on a live host ([`fence`]), the guest's network after a failover
 //! ([`net`]) and the lab's kill windows ([`failpoint`]). See `docs/failover.md`.
 
+use hypervisor::{DomId, Hypervisor, HypervisorError};
+
 pub mod disk;
 pub mod failpoint;
 pub mod fence;
@@ -12,3 +14,21 @@ pub mod resume;
 
 #[cfg(test)]
 mod tests;
+
+/// The check [`disk`] and [`net`] make before they create a device for the restored guest
+/// `domid`: it must still be paused (a guest that already runs would have resumed without the
+/// device). A failed `domain_info` becomes `xen("domain info", error)`, a running guest
+/// `not_paused`: each module's own error.
+pub(crate) fn require_paused<E>(
+    hv: &dyn Hypervisor,
+    domid: DomId,
+    xen: impl FnOnce(&'static str, HypervisorError) -> E,
+    not_paused: E,
+) -> Result<(), E> {
+    let info = hv.domain_info(domid).map_err(|e| xen("domain info", e))?;
+    if info.paused {
+        Ok(())
+    } else {
+        Err(not_paused)
+    }
+}

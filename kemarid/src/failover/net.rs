@@ -174,18 +174,16 @@ pub fn create_paused<'h>(
 }
 
 fn check_paused(hv: &dyn Hypervisor, domid: DomId) -> Result<(), FailoverNetError> {
-    let info = hv
-        .domain_info(domid)
-        .map_err(|source| FailoverNetError::Xen {
+    super::require_paused(
+        hv,
+        domid,
+        |step, source| FailoverNetError::Xen {
             domid,
-            step: "domain info",
+            step,
             source,
-        })?;
-    if info.paused {
-        Ok(())
-    } else {
-        Err(FailoverNetError::NotPaused { domid })
-    }
+        },
+        FailoverNetError::NotPaused { domid },
+    )
 }
 
 /// [`create_paused`] on a given tap (any frame-per-write descriptor: tests).
