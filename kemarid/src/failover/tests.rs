@@ -174,6 +174,37 @@ fn pair(tag: &str) -> Pair {
     }
 }
 
+/// The libxl configuration the tests' senders put in the image's xl header.
+const CONFIG_JSON: &[u8] = br#"{"c_info":{"type":"pvh","name":"g"}}"#;
+
+/// A sender of `dom` on `primary` over `stream` whose checkpoints ask the guest to suspend
+/// (through xenstore) and wait `timeout` for it.
+fn suspending_sender<'a>(
+    primary: &'a MemXen,
+    dom: DomId,
+    stream: TcpStream,
+    opts: SenderOptions,
+    timeout: Duration,
+) -> Sender<'a> {
+    let mut tx = Sender::new(primary, dom, stream, opts, None).unwrap();
+    tx.set_quiesce(Quiesce::Suspend {
+        xenstore: primary.open_xenstore().unwrap(),
+        timeout,
+    });
+    tx
+}
+
+/// A fresh primary with a running 16-page PVH guest that runs no code of its own, and a
+/// connection to a listener nobody accepts (keep the listener: the connection waits in its
+/// backlog).
+fn idle_guest() -> (MemXen, DomId, TcpListener, TcpStream) {
+    let primary = MemXen::new();
+    let dom = primary.create_domain(DomainConfig::pvh(16)).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    (primary, dom, listener, stream)
+}
+
 #[test]
 fn suspend_checkpoints_and_failover_image() {
     let Pair {
@@ -192,13 +223,9 @@ fn suspend_checkpoints_and_failover_image() {
         initial_ack_timeout: Duration::from_secs(20),
         ..SenderOptions::default()
     };
-    let mut tx = Sender::new(&primary, dom, TcpStream::connect(addr).unwrap(), opts, None).unwrap();
-    tx.set_quiesce(Quiesce::Suspend {
-        xenstore: primary.open_xenstore().unwrap(),
-        timeout: Duration::from_secs(10),
-    });
-    tx.initial_sync(br#"{"c_info":{"type":"pvh","name":"g"}}"#, &mut |_| {})
-        .unwrap();
+    let stream = TcpStream::connect(addr).unwrap();
+    let mut tx = suspending_sender(&primary, dom, stream, opts, Duration::from_secs(10));
+    tx.initial_sync(CONFIG_JSON, &mut |_| {}).unwrap();
     let mut hook = Check {
         primary: &primary,
         dom,
@@ -252,18 +279,10 @@ fn suspend_checkpoints_and_failover_image() {
 
 #[test]
 fn a_guest_that_does_not_suspend_ends_protection_running() {
-    let primary = MemXen::new();
-    let dom = primary.create_domain(DomainConfig::pvh(16)).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let mut tx = Sender::new(&primary, dom, stream, SenderOptions::default(), None).unwrap();
-    tx.set_quiesce(Quiesce::Suspend {
-        xenstore: primary.open_xenstore().unwrap(),
-        timeout: Duration::from_millis(50),
-    });
-    let err = tx
-        .initial_sync(br#"{"c_info":{"type":"pvh","name":"g"}}"#, &mut |_| {})
-        .unwrap_err();
+    let (primary, dom, _listener, stream) = idle_guest();
+    let opts = SenderOptions::default();
+    let mut tx = suspending_sender(&primary, dom, stream, opts, Duration::from_millis(50));
+    let err = tx.initial_sync(CONFIG_JSON, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("did not suspend"), "{err}");
     drop(tx);
     let i = primary.domain_info(dom).unwrap();
@@ -294,20 +313,10 @@ fn held_suspend_checkpoint_leaves_the_guest_paused_not_suspended() {
         guest: g,
         ..
     } = pair("hold");
-    let mut tx = Sender::new(
-        &primary,
-        dom,
-        TcpStream::connect(addr).unwrap(),
-        SenderOptions::default(),
-        None,
-    )
-    .unwrap();
-    tx.set_quiesce(Quiesce::Suspend {
-        xenstore: primary.open_xenstore().unwrap(),
-        timeout: Duration::from_secs(10),
-    });
-    tx.initial_sync(br#"{"c_info":{"type":"pvh","name":"g"}}"#, &mut |_| {})
-        .unwrap();
+    let stream = TcpStream::connect(addr).unwrap();
+    let opts = SenderOptions::default();
+    let mut tx = suspending_sender(&primary, dom, stream, opts, Duration::from_secs(10));
+    tx.initial_sync(CONFIG_JSON, &mut |_| {}).unwrap();
     let mut hook = CountHook {
         limit: Some(3),
         hold: true,
@@ -336,10 +345,7 @@ fn held_suspend_checkpoint_leaves_the_guest_paused_not_suspended() {
 /// with an error, and the late suspend is resumed (fast) instead of leaving the guest stopped.
 #[test]
 fn a_late_suspend_is_resumed() {
-    let primary = MemXen::new();
-    let dom = primary.create_domain(DomainConfig::pvh(16)).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (primary, dom, _listener, stream) = idle_guest();
     let slow = {
         let x = primary.clone();
         std::thread::spawn(move || {
@@ -353,14 +359,9 @@ fn a_late_suspend_is_resumed() {
             x.guest(dom).shutdown(ShutdownReason::Suspend).unwrap();
         })
     };
-    let mut tx = Sender::new(&primary, dom, stream, SenderOptions::default(), None).unwrap();
-    tx.set_quiesce(Quiesce::Suspend {
-        xenstore: primary.open_xenstore().unwrap(),
-        timeout: Duration::from_millis(150),
-    });
-    let err = tx
-        .initial_sync(br#"{"c_info":{"type":"pvh","name":"g"}}"#, &mut |_| {})
-        .unwrap_err();
+    let opts = SenderOptions::default();
+    let mut tx = suspending_sender(&primary, dom, stream, opts, Duration::from_millis(150));
+    let err = tx.initial_sync(CONFIG_JSON, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("acknowledged"), "{err}");
     slow.join().unwrap();
     drop(tx);
