@@ -37,3 +37,27 @@ fn xen_mapped_pages_appear_only_in_final_harvests() {
         .fail_next(Method::LogDirtyClean, hypervisor::Errno::EIO);
     assert!(xen.log_dirty_clean_final(dom, &mut b).is_err());
 }
+
+/// The device model writes a paused guest's memory (an emulated transfer completing) and the
+/// write is logged dirty, unlike a guest write, which a pause refuses.
+#[test]
+fn device_model_writes_a_paused_guest_and_is_logged_dirty() {
+    let xen = MemXen::new();
+    let dom = xen.create_domain(DomainConfig::hvm(64)).unwrap();
+    let g = xen.guest(dom);
+    xen.log_dirty_enable(dom).unwrap();
+    xen.pause(dom).unwrap();
+    assert!(g.write(5, 0, &[1]).is_err(), "a paused guest cannot write");
+    g.dm_write(5, 16, &[9, 9]).unwrap();
+    assert_eq!(g.read_page(5).unwrap()[16..18], [9, 9]);
+    let mut b = DirtyBitmap::new(64);
+    xen.log_dirty_clean(dom, &mut b).unwrap();
+    assert_eq!(b.iter().collect::<Vec<_>>(), vec![5]);
+    xen.log_dirty_clean(dom, &mut b).unwrap();
+    assert!(b.is_clean(), "reported once, unlike Xen's own mappings");
+    assert!(g.dm_write(64, 0, &[1]).is_err(), "not populated");
+    assert!(
+        g.dm_write(1, PAGE_SIZE - 1, &[1, 2]).is_err(),
+        "outside the page"
+    );
+}

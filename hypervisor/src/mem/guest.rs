@@ -159,6 +159,36 @@ impl MemGuest {
         })
     }
 
+    /// Writes `data` at `offset` of page `pfn` the way an HVM guest's device model (QEMU)
+    /// does: through its own mapping, so also while the vCPUs are paused (an emulated device
+    /// completing a transfer), and logged dirty when log-dirty is on (QEMU reports its writes
+    /// with `xendevicemodel_modified_memory`). Only a stopped device model stops these writes.
+    pub fn dm_write(
+        &self,
+        pfn: Pfn,
+        offset: usize,
+        data: &[u8],
+    ) -> std::result::Result<(), GuestError> {
+        let domid = self.domid;
+        if !matches!(offset.checked_add(data.len()), Some(end) if end <= PAGE_SIZE) {
+            return Err(GuestError::OutsidePage {
+                offset,
+                len: data.len(),
+            });
+        }
+        let mut host = lock(&self.shared.host);
+        let dom = host
+            .domains
+            .get_mut(&domid)
+            .ok_or(GuestError::NoSuchDomain { domid })?;
+        let page = dom
+            .page(pfn)
+            .ok_or(GuestError::Unpopulated { domid, pfn })?;
+        lock(&page)[offset..offset + data.len()].copy_from_slice(data);
+        dom.mark_dirty(pfn);
+        Ok(())
+    }
+
     /// Writes `data` at `offset` of page `pfn` the way Xen writes a guest page it keeps mapped
     /// itself (`vcpu_info`, runstate area, FIFO event arrays): also while the domain is paused
     /// (event delivery), and **not** logged dirty; only a final-round harvest
