@@ -3,10 +3,11 @@
 //! ```text
 //! initial_sync: log-dirty on; PAGE_DATA of every populated page while the guest runs; rounds
 //!               of the pages dirtied meanwhile until the dirty set stops shrinking; pause;
-//!               harvest; copy the last dirty pages, HVM context, params, device state;
-//!               unpause; write them; wait for ACK 0 (the replica exists).
-//! protect:      wait for a trigger; pause; harvest; copy dirty pages + context + params
-//!               (+ device state) to a staging buffer; unpause (or, for a held checkpoint,
+//!               stop the device model and save its state; harvest; copy the last dirty
+//!               pages, HVM context, params; unpause; write them; wait for ACK 0 (the
+//!               replica exists).
+//! protect:      wait for a trigger; pause; (device state); harvest; copy dirty pages +
+//!               context + params to a staging buffer; unpause (or, for a held checkpoint,
 //!               keep the guest paused until the ACK); stream the frame; wait for its ACK.
 //! ```
 //!
@@ -758,16 +759,8 @@ impl<'a> Sender<'a> {
         // found and did not send.
         let pause_start = Instant::now();
         let guard = self.stop_guest(0)?;
-        let mut last = DirtyBitmap::new(self.bitmap.nr_pages());
-        self.xen(
-            "harvesting dirty pages (final round)",
-            self.hv.log_dirty_clean_final(domid, &mut last),
-        )?;
-        last.union_with(&carry);
-        let pfns: Vec<Pfn> = last.iter().collect();
-        let (pages, skipped) = self.stage(&pfns)?;
-        let context = self.xen("reading the HVM context", self.hv.hvm_context(domid))?;
-        let params = self.read_params()?;
+        // The device model first (as libxl does): until it is stopped it still writes guest
+        // memory and raises interrupts, which the harvest and the context must include.
         let emulator = match self.device_save()? {
             None => None,
             Some(context) => {
@@ -785,6 +778,16 @@ impl<'a> Sender<'a> {
                 })
             }
         };
+        let mut last = DirtyBitmap::new(self.bitmap.nr_pages());
+        self.xen(
+            "harvesting dirty pages (final round)",
+            self.hv.log_dirty_clean_final(domid, &mut last),
+        )?;
+        last.union_with(&carry);
+        let pfns: Vec<Pfn> = last.iter().collect();
+        let (pages, skipped) = self.stage(&pfns)?;
+        let context = self.xen("reading the HVM context", self.hv.hvm_context(domid))?;
+        let params = self.read_params()?;
         self.xen("unpausing", guard.release())?;
         self.last_epoch = pause_start;
         stats.pause_ms = pause_start.elapsed().as_secs_f64() * 1000.0;
@@ -853,6 +856,12 @@ impl<'a> Sender<'a> {
         let t0 = Instant::now();
         self.last_epoch = t0;
         let guard = self.stop_guest(seq)?;
+        // The device model is stopped before the harvest and the context are read, as libxl
+        // does: a running QEMU still completes transfers into guest memory and raises
+        // interrupts (a UART's transmit-empty IRQ) after the vCPUs are paused. Saved after
+        // them, its state would say "interrupt raised" while the context has no such interrupt
+        // pending, and the resumed guest would wait for it forever (lab, hvm-nopv guest).
+        let emulator_state = self.device_save()?;
         let mut bitmap = std::mem::replace(&mut self.bitmap, DirtyBitmap::new(0));
         // Paused: also the pages Xen writes through its own mappings (vcpu_info, ...).
         let harvested = self.hv.log_dirty_clean_final(domid, &mut bitmap);
@@ -863,7 +872,6 @@ impl<'a> Sender<'a> {
         self.stats.add_skipped(skipped);
         let hvm_context = self.xen("reading the HVM context", self.hv.hvm_context(domid))?;
         let hvm_params = self.read_params()?;
-        let emulator_state = self.device_save()?;
         let extra = hook
             .extra(seq)
             .map_err(|source| SendError::Extra { seq, source })?;
