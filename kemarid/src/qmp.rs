@@ -317,6 +317,18 @@ impl QmpClient {
         self.execute("cont", None).map(drop)
     }
 
+    /// `xen-set-global-dirty-log`: whether QEMU reports its own writes to guest memory (an
+    /// emulated device's DMA) to Xen's log-dirty bitmap (`xendevicemodel_modified_memory`).
+    /// libxl turns it on for the whole of a live save; without it those writes are invisible
+    /// to a log-dirty harvest.
+    pub fn set_global_dirty_log(&mut self, enable: bool) -> Result<(), QmpError> {
+        self.execute(
+            "xen-set-global-dirty-log",
+            Some(json!({ "enable": enable })),
+        )
+        .map(drop)
+    }
+
     /// `xen-save-devices-state` into `file` (a path QEMU opens; QEMU runs in dom0), non-live:
     /// the caller has the guest paused.
     pub fn save_devices_state(&mut self, file: &Path) -> Result<(), QmpError> {
@@ -516,6 +528,11 @@ impl QmpDeviceModel {
     pub fn save(&self) -> Result<Vec<u8>, QmpError> {
         let mut client = self.connect()?;
         self.save_on(&mut client)
+    }
+
+    /// [`QmpClient::set_global_dirty_log`] in a session of its own.
+    pub fn set_global_dirty_log(&self, enable: bool) -> Result<(), QmpError> {
+        self.connect()?.set_global_dirty_log(enable)
     }
 
     /// `stop`, then [`save`](Self::save) in one session, in the same way as libxl's

@@ -1,7 +1,9 @@
 //! [`DeviceState`] of an HVM guest's QEMU, over QMP ([`crate::qmp`]): each save stops the
 //! device model and saves its state like libxl (`stop`, `xen-save-devices-state` with
 //! `live: false` into a dom0 file read back and removed); `resumed` lets it run again (`cont`);
-//! the initial image also carries QEMU's `physmap` xenstore entries, as `xl save` does.
+//! the initial image also carries QEMU's `physmap` xenstore entries, as `xl save` does; while
+//! the guest is protected QEMU reports its own writes to guest memory to Xen's log-dirty
+//! bitmap (`xen-set-global-dirty-log`, as libxl sets it for a live save).
 
 use hypervisor::{DomId, XenStore};
 
@@ -54,6 +56,10 @@ impl DeviceState for QmpDeviceState {
         let data = emulator_xenstore_data(self.xenstore.as_ref(), self.domid)?;
         Ok((!data.is_empty()).then_some(data))
     }
+
+    fn track_writes(&mut self, enable: bool) -> Result<(), DeviceError> {
+        Ok(self.model.set_global_dirty_log(enable)?)
+    }
 }
 
 #[cfg(test)]
@@ -96,7 +102,12 @@ mod tests {
                         let file = req["arguments"]["filename"].as_str().unwrap();
                         std::fs::write(file, b"QEVM state").unwrap();
                     }
-                    log.lock().unwrap().push(cmd);
+                    if cmd == "xen-set-global-dirty-log" {
+                        let on = req["arguments"]["enable"].as_bool().unwrap();
+                        log.lock().unwrap().push(format!("{cmd} {on}"));
+                    } else {
+                        log.lock().unwrap().push(cmd);
+                    }
                     let reply = json!({"return": {}, "id": req["id"]});
                     if w.write_all(format!("{reply}\n").as_bytes()).is_err() {
                         break;
@@ -107,15 +118,16 @@ mod tests {
     }
 
     #[test]
-    fn save_stops_resumed_continues_and_xenstore_data_is_collected() {
+    fn tracking_save_stops_resumed_continues_and_xenstore_data_is_collected() {
         let dir = std::env::temp_dir().join(format!("kemari-devqmp-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let dir = Dir(dir);
         let socket = dir.0.join("qmp-libxl-4");
         let log = Arc::new(Mutex::new(Vec::new()));
-        // save = one session (stop + save); resumed = one session (cont)
-        let server = fake_qemu(socket.clone(), 2, log.clone());
+        // dirty tracking on, save (stop + save), resumed (cont), dirty tracking off: one
+        // session each
+        let server = fake_qemu(socket.clone(), 4, log.clone());
         let xen = MemXen::new();
         let xs = xen.open_xenstore().unwrap();
         let base = "/local/domain/0/device-model/4/physmap/f0000000";
@@ -129,10 +141,12 @@ mod tests {
             QmpDeviceModel::new(socket, dir.0.clone(), Duration::from_secs(5)),
             xen.open_xenstore().unwrap(),
         );
+        dev.track_writes(true).unwrap();
         assert_eq!(dev.save().unwrap(), b"QEVM state");
         dev.resumed().unwrap();
         // a second resumed without a save does not talk to QEMU
         dev.resumed().unwrap();
+        dev.track_writes(false).unwrap();
         server.join().unwrap();
         let cmds: Vec<String> = log
             .lock()
@@ -141,7 +155,16 @@ mod tests {
             .filter(|c| *c != "qmp_capabilities")
             .cloned()
             .collect();
-        assert_eq!(cmds, ["stop", "xen-save-devices-state", "cont"]);
+        assert_eq!(
+            cmds,
+            [
+                "xen-set-global-dirty-log true",
+                "stop",
+                "xen-save-devices-state",
+                "cont",
+                "xen-set-global-dirty-log false"
+            ]
+        );
         let data = dev.xenstore_data().unwrap().unwrap();
         assert!(data.starts_with(b"physmap/f0000000/start_addr\0f0000000\0"));
     }

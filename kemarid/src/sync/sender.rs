@@ -60,6 +60,14 @@ pub trait DeviceState: Send {
     fn xenstore_data(&mut self) -> Result<Option<Vec<u8>>, DeviceError> {
         Ok(None)
     }
+
+    /// Called with `true` right after log-dirty was turned on for the guest, and with `false`
+    /// when it is turned off: the device model reports its own writes to guest memory (an
+    /// emulated device's DMA) to Xen's log-dirty bitmap while it is on.
+    fn track_writes(&mut self, enable: bool) -> Result<(), DeviceError> {
+        let _ = enable;
+        Ok(())
+    }
 }
 
 /// Errors of the sender.
@@ -642,6 +650,14 @@ impl<'a> Sender<'a> {
             if let Err(e) = self.hv.log_dirty_disable(self.domid) {
                 log::warn!("domain {}: turning log-dirty off: {e}", self.domid);
             }
+            if let Some(d) = self.device.as_mut() {
+                if let Err(e) = d.track_writes(false) {
+                    log::warn!(
+                        "domain {}: turning the device model's dirty tracking off: {e}",
+                        self.domid
+                    );
+                }
+            }
         }
     }
 
@@ -707,6 +723,13 @@ impl<'a> Sender<'a> {
         let max_pfn = self.xen("maximum gpfn", self.hv.maximum_gpfn(domid))?;
         self.xen("enabling log-dirty", self.hv.log_dirty_enable(domid))?;
         self.log_dirty = true;
+        if let Some(d) = self.device.as_mut() {
+            d.track_writes(true).map_err(|source| SendError::Device {
+                domid,
+                step: "turning on the device model's dirty tracking",
+                source,
+            })?;
+        }
         self.bitmap = DirtyBitmap::new(max_pfn.saturating_add(1));
         image::write_prologue(&mut self.out, config_json, &self.opts.limits)?;
 
@@ -788,10 +811,11 @@ impl<'a> Sender<'a> {
         let (pages, skipped) = self.stage(&pfns)?;
         let context = self.xen("reading the HVM context", self.hv.hvm_context(domid))?;
         let params = self.read_params()?;
+        // The device model runs again before the vCPUs do (see `checkpoint`).
+        self.device_resumed()?;
         self.xen("unpausing", guard.release())?;
         self.last_epoch = pause_start;
         stats.pause_ms = pause_start.elapsed().as_secs_f64() * 1000.0;
-        self.device_resumed()?;
 
         let refs: Vec<(u64, &[u8; PAGE_SIZE])> = pages.iter().map(|(p, d)| (*p, &**d)).collect();
         image::write_pages(&mut self.out, &refs, &self.opts.limits)?;
@@ -878,11 +902,16 @@ impl<'a> Sender<'a> {
         let mut held = Some(guard);
         let mut pause = Duration::ZERO;
         if release == Release::AfterStaging {
+            // QEMU first, as libxl resumes a domain: a stopped QEMU has its ioreq server
+            // disabled, so a vCPU running before `cont` has its port I/O to emulated devices
+            // dropped (reads return all ones). A UART interrupt handled in that window reads
+            // "no interrupt pending", the line stays raised, no new edge comes and the guest's
+            // console tty waits forever (lab: hvm-nopv guest, pause checkpoints).
+            self.device_resumed()?;
             if let Some(g) = held.take() {
                 self.xen("unpausing", g.release())?;
             }
             pause = t0.elapsed();
-            self.device_resumed()?;
         }
         let cp = Checkpoint {
             seq,
@@ -919,8 +948,8 @@ impl<'a> Sender<'a> {
                 self.xen("holding the guest paused", g.hold())?;
                 left_paused = true;
             } else {
-                self.xen("unpausing", g.release())?;
                 self.device_resumed()?;
+                self.xen("unpausing", g.release())?;
             }
             pause = t0.elapsed();
         }

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hypervisor::hvm_save::{self, HvmContextBuilder};
-use hypervisor::mem::{DomainConfig, GuestError, MemGuest, MemXen};
+use hypervisor::mem::{DomainConfig, GuestError, MemXen};
 use hypervisor::{DomId, DomainControl, Errno, GuestMemory, Method, PAGE_SIZE};
 use kemari_stream::checkpoint::{self, Checkpoint, EpochReason, NackReason, Reply};
 use kemari_stream::Limits;
@@ -120,24 +120,40 @@ const DMA_PFN: u64 = 3;
 
 /// Device state that changes with every save. Like QEMU, it writes guest memory until it is
 /// stopped (an emulated transfer completing after the vCPUs were paused): a checkpoint that
-/// harvests dirty pages before stopping it misses that write.
+/// harvests dirty pages before stopping it misses that write. And it must run again before
+/// the vCPUs do (a stopped QEMU drops the guest's port I/O): `resumed` fails if the guest
+/// was unpaused first.
 struct FakeDevice {
     saves: Arc<AtomicU64>,
     resumes: Arc<AtomicU64>,
-    dma: Option<MemGuest>,
+    host: Option<(MemXen, DomId)>,
+    /// Every `track_writes` call, in order.
+    tracking: Arc<Mutex<Vec<bool>>>,
 }
 
 impl DeviceState for FakeDevice {
     fn save(&mut self) -> Result<Vec<u8>, DeviceError> {
         let n = self.saves.fetch_add(1, Ordering::SeqCst) + 1;
-        if let Some(g) = &self.dma {
-            g.dm_write(DMA_PFN, 0, &n.to_le_bytes()).unwrap();
+        if let Some((xen, dom)) = &self.host {
+            xen.guest(*dom)
+                .dm_write(DMA_PFN, 0, &n.to_le_bytes())
+                .unwrap();
         }
         Ok(format!("qemu-state-{n}").into_bytes())
     }
 
     fn resumed(&mut self) -> Result<(), DeviceError> {
+        if let Some((xen, dom)) = &self.host {
+            if xen.pause_count(*dom) == Some(0) {
+                return Err("the guest's vCPUs ran before the device model did".into());
+            }
+        }
         self.resumes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn track_writes(&mut self, enable: bool) -> Result<(), DeviceError> {
+        self.tracking.lock().unwrap().push(enable);
         Ok(())
     }
 }
@@ -308,11 +324,13 @@ fn full_run(pvh: bool, vcpus: u32, with_device: bool) {
     let mut writer = Writer::start(&p.xen, p.dom, 0x9e37_79b9_7f4a_7c15);
     let saves = Arc::new(AtomicU64::new(0));
     let resumes = Arc::new(AtomicU64::new(0));
+    let tracking = Arc::new(Mutex::new(Vec::new()));
     let device: Option<Box<dyn DeviceState>> = with_device.then(|| {
         Box::new(FakeDevice {
             saves: saves.clone(),
             resumes: resumes.clone(),
-            dma: Some(p.xen.guest(p.dom)),
+            host: Some((p.xen.clone(), p.dom)),
+            tracking: tracking.clone(),
         }) as Box<dyn DeviceState>
     });
     let stream = TcpStream::connect(sec.addr).unwrap();
@@ -373,6 +391,8 @@ fn full_run(pvh: bool, vcpus: u32, with_device: bool) {
         // the replica: it was stopped before the harvest.
         let page = sec.xen.guest(replica).read_page(DMA_PFN).unwrap();
         assert_eq!(page[..8], n.to_le_bytes());
+        // The device model reported its writes while log-dirty was on, and only then.
+        assert_eq!(*tracking.lock().unwrap(), [true, false]);
     } else {
         assert_eq!(staged.emulator_state, None);
     }
@@ -400,7 +420,16 @@ fn replica_equals_primary_at_every_ack() {
     let sec = secondary("every", Limits::default());
     let mut writer = Writer::start(&p.xen, p.dom, 77);
     let stream = TcpStream::connect(sec.addr).unwrap();
-    let mut tx = Sender::new(&p.xen, p.dom, stream, opts(), None).unwrap();
+    // A device model that must run again before the vCPUs, also when they were held paused
+    // until the ACK.
+    let resumes = Arc::new(AtomicU64::new(0));
+    let device = Box::new(FakeDevice {
+        saves: Arc::new(AtomicU64::new(0)),
+        resumes: resumes.clone(),
+        host: Some((p.xen.clone(), p.dom)),
+        tracking: Arc::new(Mutex::new(Vec::new())),
+    });
+    let mut tx = Sender::new(&p.xen, p.dom, stream, opts(), Some(device)).unwrap();
     tx.initial_sync(&config(false), &mut |_| {}).unwrap();
     let live_snapshots = p.xen.unpaused_snapshots(p.dom).unwrap();
     let mut rec = Recorder::new(&p, 6);
@@ -408,6 +437,8 @@ fn replica_equals_primary_at_every_ack() {
         .protect(&Triggers::new(Duration::from_millis(1)), &mut rec)
         .unwrap();
     assert!(out.held_paused);
+    // The initial sync's and checkpoints 1-5's saves were followed by a resume; 6 is held.
+    assert_eq!(resumes.load(Ordering::SeqCst), 6);
     drop(tx);
     writer.stop();
     let session = sec.handle.join().unwrap().unwrap();
