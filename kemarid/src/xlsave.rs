@@ -466,16 +466,9 @@ pub fn save_image<W: Write>(
             ImageWriter::new(w, &spec, Limits::default()),
         )?;
 
-        let max_gpfn = xen(domid, "maximum gpfn", hv.maximum_gpfn(domid))?;
-        let t_mem = Instant::now();
-        let (pages, holes) = write_memory(hv, domid, max_gpfn, &mut image)?;
-        let memory_ms = t_mem.elapsed().as_millis() as u64;
-
-        let context = xen(domid, "HVM context", hv.hvm_context(domid))?;
-        wr(domid, "HVM_CONTEXT", image.write_hvm_context(&context))?;
-        let params = saved_hvm_params(hv, domid)?;
-        wr(domid, "HVM_PARAMS", image.write_hvm_params(&params))?;
-
+        // The device model is stopped and saved first, as libxl does: until then it may
+        // still write guest memory and raise interrupts that the memory and the HVM context
+        // written below must include.
         let mut device_state_bytes = 0;
         let mut xs_data = Vec::new();
         let mut blob = None;
@@ -488,6 +481,16 @@ pub fn save_image<W: Write>(
             device_state_bytes = state.len() as u64;
             blob = Some(state);
         }
+
+        let max_gpfn = xen(domid, "maximum gpfn", hv.maximum_gpfn(domid))?;
+        let t_mem = Instant::now();
+        let (pages, holes) = write_memory(hv, domid, max_gpfn, &mut image)?;
+        let memory_ms = t_mem.elapsed().as_millis() as u64;
+
+        let context = xen(domid, "HVM context", hv.hvm_context(domid))?;
+        wr(domid, "HVM_CONTEXT", image.write_hvm_context(&context))?;
+        let params = saved_hvm_params(hv, domid)?;
+        wr(domid, "HVM_PARAMS", image.write_hvm_params(&params))?;
         let xs_data = (!xs_data.is_empty()).then_some(&xs_data[..]);
         let w = wr(domid, "END records", image.finish(blob.as_deref(), xs_data))?;
         Ok(SaveReport {
