@@ -374,7 +374,8 @@ lab_copy_out() {
 # ---- guests ----
 
 # lab_create_guest HOST TYPE NAME [options]: write an xl config and `xl create` it.
-#   TYPE: pvh | hvm.  Options: mem=MiB (default 128), disk=MiB (qdisk-backed raw file in dom0
+#   TYPE: pvh | hvm | hvm-nopv (HVM, no Xen platform device, Linux booted with nopv: no PV interface, console on the
+#   emulated serial port, which QEMU writes to the same console log file).  Options: mem=MiB (default 128), disk=MiB (qdisk-backed raw file in dom0
 #   /var/lib/lab/NAME.img), net=1 (vif on xenbr0; guest address lab.ip=10.77.0.(100+n)), ip=A.B.C.D/24,
 #   extra='kernel args', paused=1 (xl create -p: the guest stays paused, e.g. for kemari attach),
 #   diskspec='xl disk spec' (a disk line of its own instead of disk=MiB's qdisk), ramdisk=PATH
@@ -402,12 +403,13 @@ lab_create_guest() {
   case "$type" in
     pvh) console=hvc0 ;;
     hvm) console="ttyS0 console=hvc0" ;; # xenconsoled logs the PV console (hvc0), not the serial
-    *) lab_say "lab_create_guest: type must be pvh or hvm, not '$type'"; return 2 ;;
+    hvm-nopv) console="ttyS0 nopv" ;; # nopv: Linux >= 5.3's name for xen_nopv
+    *) lab_say "lab_create_guest: type must be pvh, hvm or hvm-nopv, not '$type'"; return 2 ;;
   esac
   [ "$net" = 1 ] && [ -z "$gip" ] && gip="$LAB_NET_PREFIX.$((100 + $(lab_host_index "$h") * 10 + RANDOM % 10))/24"
   {
     echo "name = \"$name\""
-    echo "type = \"$type\""
+    echo "type = \"${type%-nopv}\""
     echo "memory = $mem"
     echo "vcpus = 1"
     echo "kernel = \"/lab/vmlinuz\""
@@ -415,8 +417,15 @@ lab_create_guest() {
     echo "cmdline = \"console=$console loglevel=4 lab.name=$name${gip:+ lab.ip=$gip} $extra\""
     echo "on_crash = \"preserve\""
     echo "on_poweroff = \"destroy\""
-    if [ "$type" = hvm ]; then
-      echo 'serial = "pty"'
+    if [ "$type" != pvh ]; then
+      if [ "$type" = hvm-nopv ]; then
+        # no PV console for xenconsoled to log: QEMU writes the emulated serial port to the log
+        # file lab_wait_console reads (the same path on the host an image is restored on)
+        echo "serial = \"file:/var/log/xen/console/guest-$name.log\""
+        echo 'xen_platform_pci = 0'
+      else
+        echo 'serial = "pty"'
+      fi
       echo 'vga = "none"'
       echo 'vnc = 0'
       echo 'nographic = 1'

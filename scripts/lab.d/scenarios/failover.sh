@@ -8,7 +8,10 @@
 # heartbeat continues on host2, with the counter continuing from where it was at the last ACK.
 #
 # Knobs (environment), for the experiments of docs/failover.md:
-#   FO_GUEST=pvh|hvm          guest type (default pvh)
+#   FO_GUEST=pvh|hvm|hvm-nopv guest type (default pvh; hvm-nopv: HVM without any PV interface,
+#                             console on the emulated UART, needs FO_QUIESCE=pause FO_DISK=0)
+#   FO_CON=tty|kmsg           the guest's console lines through its console tty (default) or the
+#                             kernel log (lab.con=kmsg: printed by the polled console driver)
 #   FO_QUIESCE=suspend|pause  checkpoints at a cooperative suspend point (--suspend) or a pause
 #   FO_METHOD=restore|in-place  how host2 resumes (kemari receive --failover-method)
 #   FO_HB_MS, FO_HB_MISSES    heartbeat period and misses (default 500 ms x 6: TCG is slow)
@@ -90,6 +93,8 @@ netopt=""
 # no vif in the guest's xl config: kemari replicate --vif serves it (and kemari receive --vif
 # after the failover)
 [ "$FO_TCP" = 1 ] && netopt="ip=$FO_GUEST_IP/24"
+[ "$FO_GUEST" = hvm-nopv ] && { [ "$FO_QUIESCE" != pause ] || [ "$FO_DISK" = 1 ]; } &&
+  lab_fail "FO_GUEST=hvm-nopv needs FO_QUIESCE=pause and FO_DISK=0: without PV drivers the guest cannot suspend, and neither our blkback nor our netback can serve it"
 [ "$FO_TCP" = 1 ] && [ "$FO_DISK" != 1 ] && lab_fail "FO_TCP=1 needs FO_DISK=1 (the guest is created paused for kemari replicate --vif --unpause)"
 name=fo-$FO_GUEST
 lab_say "failover: guest $FO_GUEST, checkpoints by $FO_QUIESCE, resume by $FO_METHOD, heartbeat ${FO_HB_MS} ms x $FO_HB_MISSES"
@@ -113,13 +118,13 @@ if [ "$FO_DISK" = 1 ]; then
   [ "$p" = "$c" ] || lab_fail "host2's copy differs from host1's image before the start"
   lab_step "create a $FO_GUEST guest, paused and without a disk, on host1"
   # shellcheck disable=SC2086 # netopt: zero or two options
-  lab_create_guest host1 "$FO_GUEST" "$name" "mem=128" "paused=1" $netopt "extra=lab.memwrite=256"
+  lab_create_guest host1 "$FO_GUEST" "$name" "mem=128" "paused=1" $netopt "extra=lab.memwrite=256${FO_CON:+ lab.con=$FO_CON}"
   rflags="--disk $FO_COPY"
   pflags="--disk $FO_IMG --unpause"
 else
   lab_step "create a $FO_GUEST guest with a memory writer on host1"
   # shellcheck disable=SC2086
-  lab_create_guest host1 "$FO_GUEST" "$name" "mem=128" $netopt "extra=lab.memwrite=256"
+  lab_create_guest host1 "$FO_GUEST" "$name" "mem=128" $netopt "extra=lab.memwrite=256${FO_CON:+ lab.con=$FO_CON}"
   lab_wait_console host1 "$name" 'kemari-guest memory writer' 180 || lab_fail "$name did not start"
 fi
 
@@ -381,11 +386,13 @@ running=1
 if ! lab_wait_console host2 "$name" 'kemari-guest alive [0-9]+' 90; then
   running=0
 fi
-# Evidence either way: CPU time and the vCPU's rip twice, 5 s apart, and the console's tail.
+# Evidence either way: CPU time and the vCPU's rip twice, 5 s apart, the pages the guest's
+# memory writer dirties (log-dirty, 3 x 1 s) and the console's tail.
 for i in 1 2; do
   lab_run host2 "xl list -v $name 2>/dev/null | tail -1; kemari debug cpu-context $name 2>&1 | head -2" || true
   [ "$i" = 1 ] && sleep 5
 done
+lab_run host2 "kemari debug log-dirty $name --rounds 3 --interval-ms 1000" 60 || true
 lab_say "host2 console of $name (tail):"
 tail -25 "$f2" >&2 2>/dev/null || true
 [ "$running" = 1 ] || lab_fail "the guest's console heartbeat did not resume on host2 within 90 s of the failover ($FO_GUEST, $FO_QUIESCE, $FO_METHOD)"
