@@ -56,6 +56,18 @@ pub const SAVED_HVM_PARAMS: [u32; 16] =
 /// `HVM_PARAM_CALLBACK_IRQ`: non-zero once a guest's PV drivers registered their upcall.
 pub const HVM_PARAM_CALLBACK_IRQ: u32 = 0;
 
+/// Whether `domid` is an HVM guest without PV drivers: no event-channel callback registered
+/// (`HVM_PARAM_CALLBACK_IRQ` 0), so it cannot be asked to suspend through xenstore. A guest
+/// that has not run yet (created paused) has registered nothing either; callers that must
+/// tell it apart look at [`DomainInfo::paused`] first.
+pub fn hvm_without_pv_drivers(
+    hv: &dyn Hypervisor,
+    domid: DomId,
+    info: &DomainInfo,
+) -> hypervisor::Result<bool> {
+    Ok(info.guest_type == GuestType::Hvm && hv.hvm_param(domid, HVM_PARAM_CALLBACK_IRQ)? == 0)
+}
+
 /// Xen version written in the domain header (kemari runs on Xen 4.17 only).
 pub const XEN_VERSION: (u32, u32) = (4, 17);
 
@@ -427,13 +439,11 @@ pub fn save_image<W: Write>(
         SaveMode::Suspend => {
             // libxl asks an HVM guest without PV drivers to suspend with xc_domain_shutdown,
             // which our FFI lacks; such a guest has no event-channel callback registered.
-            if info.guest_type == GuestType::Hvm
-                && xen(
-                    domid,
-                    "read HVM_PARAM_CALLBACK_IRQ",
-                    hv.hvm_param(domid, HVM_PARAM_CALLBACK_IRQ),
-                )? == 0
-            {
+            if xen(
+                domid,
+                "read HVM_PARAM_CALLBACK_IRQ",
+                hvm_without_pv_drivers(hv, domid, &info),
+            )? {
                 return Err(SaveError::Unsupported {
                     domid,
                     why: "HVM guest without PV drivers (no event-channel callback): it cannot be asked to suspend through xenstore; use the pause mode".into(),
@@ -829,6 +839,20 @@ mod tests {
         assert_eq!(emu.saves.load(Ordering::SeqCst), 0);
         let err = save_image(&xen, 99, Vec::new(), CONFIG, None, &opts).unwrap_err();
         assert!(err.to_string().contains("domain 99"), "{err}");
+    }
+
+    #[test]
+    fn hvm_without_pv_drivers_is_an_hvm_guest_without_a_callback() {
+        let xen = MemXen::new();
+        let hvm = xen.create_domain(DomainConfig::hvm(8)).unwrap();
+        let pvh = xen.create_domain(DomainConfig::pvh(8)).unwrap();
+        let info = |d| xen.domain_info(d).unwrap();
+        assert!(hvm_without_pv_drivers(&xen, hvm, &info(hvm)).unwrap());
+        assert!(!hvm_without_pv_drivers(&xen, pvh, &info(pvh)).unwrap());
+        // PV drivers registered their upcall
+        xen.set_hvm_param(hvm, HVM_PARAM_CALLBACK_IRQ, 0x0200_0000_0000_00f3)
+            .unwrap();
+        assert!(!hvm_without_pv_drivers(&xen, hvm, &info(hvm)).unwrap());
     }
 
     #[test]

@@ -128,6 +128,14 @@ else
   lab_wait_console host1 "$name" 'kemari-guest memory writer' 180 || lab_fail "$name did not start"
 fi
 
+if [ "$FO_GUEST" = hvm-nopv ]; then
+  lab_step "kemari replicate --suspend refuses the guest without PV drivers"
+  out=$(lab_run host1 "kemari replicate $name 127.0.0.1:9 --suspend 2>&1; echo exit=\$?" 60) || true
+  echo "$out" >&2
+  echo "$out" | grep -q 'exit=1' && echo "$out" | grep -q 'without PV drivers' ||
+    lab_fail "kemari replicate --suspend did not refuse the HVM guest without PV drivers"
+fi
+
 if [ "$FO_TCP" = 1 ]; then
   rflags="$rflags --vif bridge=xenbr0,mac=$FO_MAC"
   pflags="$pflags --vif bridge=xenbr0,mac=$FO_MAC"

@@ -294,6 +294,21 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
     let domid = kemarid::debug::resolve_domain(hv, &a.domain)?;
     status.domid(u32::from(domid));
     let info = hv.domain_info(domid)?;
+    // A running HVM guest without PV drivers never registered an event-channel callback: it
+    // cannot answer a suspend request, so every --suspend checkpoint would time out. Such a
+    // guest keeps no state inside Xen that a pause checkpoint misses (docs/failover.md §3).
+    if a.suspend && !info.paused {
+        let nopv = kemarid::xlsave::hvm_without_pv_drivers(hv, domid, &info)
+            .with_context(|| format!("reading domain {domid}'s HVM_PARAM_CALLBACK_IRQ"))?;
+        if nopv {
+            anyhow::bail!(
+                "domain {domid} is an HVM guest without PV drivers (no event-channel callback \
+                 registered): it cannot suspend for a checkpoint; protect it without --suspend \
+                 (pause checkpoints are complete for such a guest), or wait until its PV \
+                 drivers are up if it has them"
+            );
+        }
+    }
     let xs = hv.open_xenstore()?;
     let config =
         kemarid::domconfig::domain_config_json(domid, Some(xs.as_ref()), a.replica_name.as_deref())
