@@ -45,20 +45,15 @@ fn pages_of(xen: &MemXen, d: DomId) -> Vec<u8> {
 
 /// The guest: writes pages while it runs, and suspends when asked through xenstore (the
 /// suspend count is how many times it did).
-fn guest(
-    xen: &MemXen,
-    d: DomId,
-    stop: Arc<AtomicBool>,
-    suspends: Arc<AtomicU64>,
-    booted: Arc<AtomicBool>,
-) {
+fn guest(xen: &MemXen, d: DomId, stop: Arc<AtomicBool>, suspends: Arc<AtomicU64>, boot: Duration) {
     let g = xen.guest(d);
     let xs = xen.open_xenstore().unwrap();
     let node = format!("/local/domain/{d}/control/shutdown");
+    let booted = std::time::Instant::now() + boot;
     let mut ready = false;
     let mut x = 0x2545_f491_4f6c_dd1du64;
     while !stop.load(Ordering::Relaxed) {
-        if !ready && booted.load(Ordering::SeqCst) {
+        if !ready && std::time::Instant::now() >= booted {
             // As Linux once its xenbus shutdown watcher is up.
             let feature = format!("/local/domain/{d}/control/feature-suspend");
             xs.write(Tx::NONE, &feature, b"1").unwrap();
@@ -92,8 +87,6 @@ struct Check<'a> {
     secondary: &'a MemXen,
     stop_at: u64,
     compared: u64,
-    /// Checkpoints up to this seq may have paused the guest instead of suspending it.
-    paused_until: u64,
 }
 
 impl CheckpointHook for Check<'_> {
@@ -104,16 +97,12 @@ impl CheckpointHook for Check<'_> {
     fn acked(&mut self, info: &AckInfo) -> AfterAck {
         // Still suspended: the ACKed state is the primary's current one.
         let i = self.primary.domain_info(self.dom).unwrap();
-        if info.seq <= self.paused_until && i.shutdown.is_none() {
-            assert!(i.paused, "seq {}: neither suspended nor paused", info.seq);
-        } else {
-            assert_eq!(
-                i.shutdown,
-                Some(ShutdownReason::Suspend),
-                "seq {}",
-                info.seq
-            );
-        }
+        assert_eq!(
+            i.shutdown,
+            Some(ShutdownReason::Suspend),
+            "seq {}",
+            info.seq
+        );
         let replica = self
             .secondary
             .list_domains()
@@ -152,11 +141,11 @@ struct Pair {
 }
 
 fn pair(tag: &str) -> Pair {
-    pair_booting(tag, Arc::new(AtomicBool::new(true)))
+    pair_booting(tag, Duration::ZERO)
 }
 
-/// [`pair`] with a guest that handles suspend requests only once `booted` is set.
-fn pair_booting(tag: &str, booted: Arc<AtomicBool>) -> Pair {
+/// [`pair`] with a guest that takes `boot` to set up its suspend handling.
+fn pair_booting(tag: &str, boot: Duration) -> Pair {
     let primary = MemXen::new();
     let mut cfg = DomainConfig::pvh(PAGES);
     cfg.hvm_context = Some(context(0));
@@ -187,7 +176,7 @@ fn pair_booting(tag: &str, booted: Arc<AtomicBool>) -> Pair {
     let suspends = Arc::new(AtomicU64::new(0));
     let guest = {
         let (x, s, n) = (primary.clone(), stop.clone(), suspends.clone());
-        std::thread::spawn(move || guest(&x, dom, s, n, booted))
+        std::thread::spawn(move || guest(&x, dom, s, n, boot))
     };
     Pair {
         primary,
@@ -233,36 +222,11 @@ fn idle_guest() -> (MemXen, DomId, TcpListener, TcpStream) {
     (primary, dom, listener, stream)
 }
 
-/// A guest unpaused at protection start boots while its first checkpoints are due: a suspend
-/// request written before it handles them is lost. Until its `control/feature-suspend`
-/// appears, the sender pauses it instead; then it suspends.
+/// A guest unpaused at protection start boots while the first checkpoint is due: a suspend
+/// request written before it handles them is lost. The sender waits for its
+/// `control/feature-suspend`.
 #[test]
-fn checkpoints_pause_a_booting_guest_until_it_handles_suspend_requests() {
-    struct BootAt<'a> {
-        check: Check<'a>,
-        booted: Arc<AtomicBool>,
-    }
-    impl CheckpointHook for BootAt<'_> {
-        fn release(&mut self, seq: u64, reasons: Reasons) -> Release {
-            self.check.release(seq, reasons)
-        }
-
-        fn acked(&mut self, info: &AckInfo) -> AfterAck {
-            if info.seq == 2 {
-                // the guest's kernel sets up its suspend handling: from checkpoint 3 on
-                self.booted.store(true, Ordering::SeqCst);
-                let xs = self.check.primary.open_xenstore().unwrap();
-                let dom = self.check.dom;
-                let t0 = std::time::Instant::now();
-                while !crate::xlsave::suspend_feature(xs.as_ref(), dom) {
-                    assert!(t0.elapsed() < Duration::from_secs(10), "no feature-suspend");
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-            self.check.acked(info)
-        }
-    }
-    let booted = Arc::new(AtomicBool::new(false));
+fn the_first_suspend_request_waits_until_a_booting_guest_handles_them() {
     let Pair {
         primary,
         dom,
@@ -273,7 +237,7 @@ fn checkpoints_pause_a_booting_guest_until_it_handles_suspend_requests() {
         suspends,
         guest: g,
         spool,
-    } = pair_booting("booting", booted.clone());
+    } = pair_booting("booting", Duration::from_millis(600));
     let opts = SenderOptions {
         ack_timeout: Duration::from_secs(20),
         initial_ack_timeout: Duration::from_secs(20),
@@ -288,30 +252,23 @@ fn checkpoints_pause_a_booting_guest_until_it_handles_suspend_requests() {
         timeout: Duration::from_secs(5),
     });
     tx.await_suspend_feature();
-    let mut hook = BootAt {
-        check: Check {
-            primary: &primary,
-            dom,
-            secondary: &secondary,
-            stop_at: 8,
-            compared: 0,
-            paused_until: 2,
-        },
-        booted,
+    let mut hook = Check {
+        primary: &primary,
+        dom,
+        secondary: &secondary,
+        stop_at: 3,
+        compared: 0,
     };
     let out = tx
         .protect(&Triggers::new(Duration::from_millis(2)), &mut hook)
         .unwrap();
     drop(tx);
-    assert_eq!((out.last_seq, hook.check.compared), (8, 8));
-    // checkpoints 1 and 2 paused the booting guest (Check: paused, not suspended); 3 to 8
-    // suspended it
-    assert_eq!(suspends.load(Ordering::SeqCst), 6);
-    assert_eq!(primary.resume_counts(dom), Some((6, 6)));
+    assert_eq!((out.last_seq, hook.compared), (3, 3));
+    assert_eq!(suspends.load(Ordering::SeqCst), 3);
     stop.store(true, Ordering::Relaxed);
     g.join().unwrap();
     drop(TcpStream::connect(addr).ok());
-    assert_eq!(rx.join().unwrap().unwrap().acked, Some(8));
+    assert_eq!(rx.join().unwrap().unwrap().acked, Some(3));
     let _ = std::fs::remove_dir_all(&spool);
 }
 
@@ -342,7 +299,6 @@ fn suspend_checkpoints_and_failover_image() {
         secondary: &secondary,
         stop_at: 6,
         compared: 0,
-        paused_until: 0,
     };
     let out = tx
         .protect(&Triggers::new(Duration::from_millis(2)), &mut hook)

@@ -480,13 +480,9 @@ impl<'a> Sender<'a> {
         self.quiesce = quiesce;
     }
 
-    /// Until the guest's kernel says it handles suspend requests (`control/feature-suspend`,
-    /// [`crate::xlsave::suspend_feature`]), checkpoints pause it instead: for a guest unpaused
-    /// at protection start, whose first checkpoints come while it boots. A request written
-    /// then is taken by its kernel's watcher as it starts and dropped (too early to suspend),
-    /// and waiting instead would hold the boot's disk I/O, which comes before the watcher.
-    /// A failover from such a pause checkpoint resumes a PV-aware guest that hangs
-    /// (docs/failover.md section 2): the window is the guest's boot.
+    /// The first suspend request waits (up to the suspend timeout) until the guest's kernel
+    /// says it handles them (`control/feature-suspend`, [`crate::xlsave::wait_suspend_feature`]):
+    /// for a guest unpaused at protection start, whose first checkpoint comes while it boots.
     pub fn await_suspend_feature(&mut self) {
         self.await_suspend_feature.set(true);
     }
@@ -525,17 +521,14 @@ impl<'a> Sender<'a> {
                 suspended: None,
             }),
             Quiesce::Suspend { xenstore, timeout } => {
-                if self.await_suspend_feature.get() {
-                    if crate::xlsave::suspend_feature(xenstore.as_ref(), self.domid) {
-                        self.await_suspend_feature.set(false);
-                    } else {
-                        // Still booting: a request now would be lost. A pause checkpoint
-                        // instead (the guest's output keeps flowing through the checkpoints).
-                        return Ok(Stopped {
-                            pause: Some(self.xen("pausing", PauseGuard::pause(hv, self.domid))?),
-                            suspended: None,
-                        });
-                    }
+                if self.await_suspend_feature.replace(false)
+                    && !crate::xlsave::wait_suspend_feature(xenstore.as_ref(), self.domid, *timeout)
+                {
+                    log::warn!(
+                        "domain {}: no control/feature-suspend after {:?}: asking it to suspend anyway",
+                        self.domid,
+                        timeout
+                    );
                 }
                 if let Err(source) =
                     crate::xlsave::suspend_guest(hv, xenstore.as_ref(), self.domid, *timeout)
