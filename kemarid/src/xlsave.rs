@@ -227,25 +227,6 @@ fn wr<T, E: std::fmt::Display>(
     })
 }
 
-/// Waits until the guest says it handles suspend requests: `control/feature-suspend` = `1`,
-/// which Linux writes when its xenbus shutdown watcher is set up (`drivers/xen/manage.c`). A
-/// request written earlier, while the guest is still booting, is taken by the watcher when it
-/// starts and dropped (the suspend fails that early), and the suspend is never done. Returns
-/// whether the guest said so within `timeout`.
-pub fn wait_suspend_feature(xs: &dyn XenStore, domid: DomId, timeout: Duration) -> bool {
-    let node = format!("/local/domain/{domid}/control/feature-suspend");
-    let start = Instant::now();
-    loop {
-        if xs.read(Tx::NONE, &node).ok().as_deref() == Some(&b"1"[..]) {
-            return true;
-        }
-        if start.elapsed() >= timeout {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Asks the guest to suspend (xenstore `control/shutdown` = `suspend`) and waits until Xen
 /// reports it shut down for suspend. On timeout the request is withdrawn if the guest has not
 /// taken it yet, as libxl does.

@@ -45,26 +45,14 @@ fn pages_of(xen: &MemXen, d: DomId) -> Vec<u8> {
 
 /// The guest: writes pages while it runs, and suspends when asked through xenstore (the
 /// suspend count is how many times it did).
-fn guest(xen: &MemXen, d: DomId, stop: Arc<AtomicBool>, suspends: Arc<AtomicU64>, boot: Duration) {
+fn guest(xen: &MemXen, d: DomId, stop: Arc<AtomicBool>, suspends: Arc<AtomicU64>) {
     let g = xen.guest(d);
     let xs = xen.open_xenstore().unwrap();
     let node = format!("/local/domain/{d}/control/shutdown");
-    let booted = std::time::Instant::now() + boot;
-    let mut ready = false;
     let mut x = 0x2545_f491_4f6c_dd1du64;
     while !stop.load(Ordering::Relaxed) {
-        if !ready && std::time::Instant::now() >= booted {
-            // As Linux once its xenbus shutdown watcher is up.
-            let feature = format!("/local/domain/{d}/control/feature-suspend");
-            xs.write(Tx::NONE, &feature, b"1").unwrap();
-            ready = true;
-        }
         if xs.read(Tx::NONE, &node).ok().as_deref() == Some(&b"suspend"[..]) {
             xs.write(Tx::NONE, &node, b"").unwrap();
-            if !ready {
-                // Still booting: the watcher takes the request and the suspend fails.
-                continue;
-            }
             // As Linux: the CPU context at the suspend point is the one to resume from.
             let n = suspends.fetch_add(1, Ordering::SeqCst) + 1;
             xen.set_hvm_context(d, &context(n as u8)).unwrap();
@@ -141,11 +129,6 @@ struct Pair {
 }
 
 fn pair(tag: &str) -> Pair {
-    pair_booting(tag, Duration::ZERO)
-}
-
-/// [`pair`] with a guest that takes `boot` to set up its suspend handling.
-fn pair_booting(tag: &str, boot: Duration) -> Pair {
     let primary = MemXen::new();
     let mut cfg = DomainConfig::pvh(PAGES);
     cfg.hvm_context = Some(context(0));
@@ -176,7 +159,7 @@ fn pair_booting(tag: &str, boot: Duration) -> Pair {
     let suspends = Arc::new(AtomicU64::new(0));
     let guest = {
         let (x, s, n) = (primary.clone(), stop.clone(), suspends.clone());
-        std::thread::spawn(move || guest(&x, dom, s, n, boot))
+        std::thread::spawn(move || guest(&x, dom, s, n))
     };
     Pair {
         primary,
@@ -220,56 +203,6 @@ fn idle_guest() -> (MemXen, DomId, TcpListener, TcpStream) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     (primary, dom, listener, stream)
-}
-
-/// A guest unpaused at protection start boots while the first checkpoint is due: a suspend
-/// request written before it handles them is lost. The sender waits for its
-/// `control/feature-suspend`.
-#[test]
-fn the_first_suspend_request_waits_until_a_booting_guest_handles_them() {
-    let Pair {
-        primary,
-        dom,
-        secondary,
-        addr,
-        rx,
-        stop,
-        suspends,
-        guest: g,
-        spool,
-    } = pair_booting("booting", Duration::from_millis(600));
-    let opts = SenderOptions {
-        ack_timeout: Duration::from_secs(20),
-        initial_ack_timeout: Duration::from_secs(20),
-        ..SenderOptions::default()
-    };
-    let stream = TcpStream::connect(addr).unwrap();
-    // the initial image paused, as kemari replicate --unpause does
-    let mut tx = Sender::new(&primary, dom, stream, opts, None).unwrap();
-    tx.initial_sync(CONFIG_JSON, &mut |_| {}).unwrap();
-    tx.set_quiesce(Quiesce::Suspend {
-        xenstore: primary.open_xenstore().unwrap(),
-        timeout: Duration::from_secs(5),
-    });
-    tx.await_suspend_feature();
-    let mut hook = Check {
-        primary: &primary,
-        dom,
-        secondary: &secondary,
-        stop_at: 3,
-        compared: 0,
-    };
-    let out = tx
-        .protect(&Triggers::new(Duration::from_millis(2)), &mut hook)
-        .unwrap();
-    drop(tx);
-    assert_eq!((out.last_seq, hook.compared), (3, 3));
-    assert_eq!(suspends.load(Ordering::SeqCst), 3);
-    stop.store(true, Ordering::Relaxed);
-    g.join().unwrap();
-    drop(TcpStream::connect(addr).ok());
-    assert_eq!(rx.join().unwrap().unwrap().acked, Some(3));
-    let _ = std::fs::remove_dir_all(&spool);
 }
 
 #[test]

@@ -376,8 +376,6 @@ pub struct Sender<'a> {
     device: Option<Box<dyn DeviceState + 'a>>,
     /// The device model was stopped by a save and not resumed yet.
     device_stopped: bool,
-    /// The next suspend request waits for the guest's `control/feature-suspend` first.
-    await_suspend_feature: std::cell::Cell<bool>,
     out: Counting<BufWriter<TcpStream>>,
     replies: TcpStream,
     bitmap: DirtyBitmap,
@@ -442,7 +440,6 @@ impl<'a> Sender<'a> {
             opts,
             device,
             device_stopped: false,
-            await_suspend_feature: std::cell::Cell::new(false),
             out: Counting::new(BufWriter::with_capacity(1 << 20, stream)),
             replies,
             bitmap: DirtyBitmap::new(0),
@@ -480,13 +477,6 @@ impl<'a> Sender<'a> {
         self.quiesce = quiesce;
     }
 
-    /// The first suspend request waits (up to the suspend timeout) until the guest's kernel
-    /// says it handles them (`control/feature-suspend`, [`crate::xlsave::wait_suspend_feature`]):
-    /// for a guest unpaused at protection start, whose first checkpoint comes while it boots.
-    pub fn await_suspend_feature(&mut self) {
-        self.await_suspend_feature.set(true);
-    }
-
     /// After a failed suspend request the guest had already taken: it may still suspend, and
     /// nobody would resume it. Wait up to twice `timeout` for that, and resume it (fast) if it
     /// does. (A guest later still stays suspended: `xl` can resume it by hand; logged.)
@@ -521,15 +511,6 @@ impl<'a> Sender<'a> {
                 suspended: None,
             }),
             Quiesce::Suspend { xenstore, timeout } => {
-                if self.await_suspend_feature.replace(false)
-                    && !crate::xlsave::wait_suspend_feature(xenstore.as_ref(), self.domid, *timeout)
-                {
-                    log::warn!(
-                        "domain {}: no control/feature-suspend after {:?}: asking it to suspend anyway",
-                        self.domid,
-                        timeout
-                    );
-                }
                 if let Err(source) =
                     crate::xlsave::suspend_guest(hv, xenstore.as_ref(), self.domid, *timeout)
                 {

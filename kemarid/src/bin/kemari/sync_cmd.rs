@@ -472,9 +472,6 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
             xenstore: hv.open_xenstore()?,
             timeout: Duration::from_secs(a.suspend_timeout_s),
         });
-        // it was just unpaused: its kernel is booting and takes suspend requests only once
-        // its xenbus shutdown watcher is up
-        tx.await_suspend_feature();
     }
     let mut hook = crate::commit_cmd::hook(
         CountHook {
