@@ -169,24 +169,7 @@ impl MemGuest {
         offset: usize,
         data: &[u8],
     ) -> std::result::Result<(), GuestError> {
-        let domid = self.domid;
-        if !matches!(offset.checked_add(data.len()), Some(end) if end <= PAGE_SIZE) {
-            return Err(GuestError::OutsidePage {
-                offset,
-                len: data.len(),
-            });
-        }
-        let mut host = lock(&self.shared.host);
-        let dom = host
-            .domains
-            .get_mut(&domid)
-            .ok_or(GuestError::NoSuchDomain { domid })?;
-        let page = dom
-            .page(pfn)
-            .ok_or(GuestError::Unpopulated { domid, pfn })?;
-        lock(&page)[offset..offset + data.len()].copy_from_slice(data);
-        dom.mark_dirty(pfn);
-        Ok(())
+        self.write_from_outside(pfn, offset, data, |dom| dom.mark_dirty(pfn))
     }
 
     /// Writes `data` at `offset` of page `pfn` the way Xen writes a guest page it keeps mapped
@@ -199,6 +182,19 @@ impl MemGuest {
         pfn: Pfn,
         offset: usize,
         data: &[u8],
+    ) -> std::result::Result<(), GuestError> {
+        self.write_from_outside(pfn, offset, data, |dom| {
+            dom.xen_mapped.insert(pfn);
+        })
+    }
+
+    /// A write that does not need the vCPUs (also while paused); `then` records it.
+    fn write_from_outside(
+        &self,
+        pfn: Pfn,
+        offset: usize,
+        data: &[u8],
+        then: impl FnOnce(&mut super::Domain),
     ) -> std::result::Result<(), GuestError> {
         let domid = self.domid;
         if !matches!(offset.checked_add(data.len()), Some(end) if end <= PAGE_SIZE) {
@@ -216,7 +212,7 @@ impl MemGuest {
             .page(pfn)
             .ok_or(GuestError::Unpopulated { domid, pfn })?;
         lock(&page)[offset..offset + data.len()].copy_from_slice(data);
-        dom.xen_mapped.insert(pfn);
+        then(dom);
         Ok(())
     }
 
