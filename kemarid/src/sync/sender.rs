@@ -881,10 +881,9 @@ impl<'a> Sender<'a> {
         self.last_epoch = t0;
         let guard = self.stop_guest(seq)?;
         // The device model is stopped before the harvest and the context are read, as libxl
-        // does: a running QEMU still completes transfers into guest memory and raises
-        // interrupts (a UART's transmit-empty IRQ) after the vCPUs are paused. Saved after
-        // them, its state would say "interrupt raised" while the context has no such interrupt
-        // pending, and the resumed guest would wait for it forever (lab, hvm-nopv guest).
+        // does: a running QEMU can still complete a transfer into guest memory or raise an
+        // interrupt after the vCPUs are paused, and the checkpoint must hold both. (The lab's
+        // hvm-nopv console hang was the resume order below, not this order: docs/failover.md.)
         let emulator_state = self.device_save()?;
         let mut bitmap = std::mem::replace(&mut self.bitmap, DirtyBitmap::new(0));
         // Paused: also the pages Xen writes through its own mappings (vcpu_info, ...).
