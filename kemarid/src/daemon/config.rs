@@ -121,7 +121,7 @@ pub struct GuestConfig {
     pub heartbeat_misses: Option<u32>,
 }
 
-/// `kemari replicate`'s own default for `--suspend-timeout-s`.
+/// The default of `--suspend-timeout-s` (`kemari replicate`) and of `suspend_timeout_s`.
 pub const DEFAULT_SUSPEND_TIMEOUT_S: u64 = 10;
 
 fn default_suspend_timeout_s() -> u64 {

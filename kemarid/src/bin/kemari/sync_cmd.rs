@@ -79,7 +79,7 @@ pub struct ReplicateArgs {
     #[arg(long)]
     pub suspend: bool,
     /// Seconds the guest may take to suspend for one checkpoint (--suspend).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = kemarid::daemon::config::DEFAULT_SUSPEND_TIMEOUT_S)]
     pub suspend_timeout_s: u64,
     /// UDP port of the secondary's heartbeat (`kemari receive --heartbeat-listen`), on the
     /// target's host: when the secondary stops answering, protection ends at once.
