@@ -161,6 +161,10 @@ methods! {
     SetHvmParam => "set_hvm_param",
     /// [`DomainControl::maximum_gpfn`](crate::DomainControl::maximum_gpfn) (`xc_domain_maximum_gpfn`).
     MaximumGpfn => "maximum_gpfn",
+    /// [`XenHost::shared_info_frame`](crate::xen::XenHost::shared_info_frame) (`xc_domain_getinfo`'s `shared_info_frame`).
+    SharedInfoFrame => "shared_info_frame",
+    /// [`XenHost::add_to_physmap`](crate::xen::XenHost::add_to_physmap) (`xc_domain_add_to_physmap`).
+    AddToPhysmap => "add_to_physmap",
     /// [`GuestMemory::read_pages`](crate::GuestMemory::read_pages) (`xenforeignmemory_map` + copy).
     ReadPages => "read_pages",
     /// [`GuestMemory::write_pages`](crate::GuestMemory::write_pages).

@@ -109,6 +109,27 @@ pub fn classify_guest(hvm: bool, emulation_flags: u32) -> GuestType {
 }
 
 /// Converts `libxc-ffi`'s decoded domain information (a pure function, unit-tested).
+impl XenHost {
+    /// The guest frame at which `domid` sees its `shared_info` page (`getdomaininfo`'s
+    /// `shared_info_frame`: Xen translates it through the M2P, so for an HVM/PVH guest it is
+    /// the gfn the guest mapped it at with `XENMAPSPACE_shared_info`).
+    pub fn shared_info_frame(&self, domid: DomId) -> Result<Pfn> {
+        let op = Method::SharedInfoFrame;
+        self.xc
+            .domain_info(u32::from(domid))
+            .map(|d| d.shared_info_frame)
+            .map_err(|e| errors::xc_domain(op, domid, e))
+    }
+
+    /// `XENMEM_add_to_physmap` for `domid`: maps Xen's frame `idx` of `space`
+    /// (`libxc_ffi::consts::XENMAPSPACE_*`) at guest frame `gfn`, replacing what was there.
+    pub fn add_to_physmap(&self, domid: DomId, space: u32, idx: u64, gfn: Pfn) -> Result<()> {
+        self.xc
+            .add_to_physmap(u32::from(domid), space, idx, gfn)
+            .map_err(|e| errors::xc_domain(Method::AddToPhysmap, domid, e))
+    }
+}
+
 pub(crate) fn domain_info_from(d: &libxc_ffi::DomainInfo) -> Option<DomainInfo> {
     let domid = DomId::try_from(d.domid).ok()?;
     let shutdown = d.shutdown.map(|r| match r {
