@@ -25,6 +25,8 @@ mod commit_cmd;
 mod ctl_cmd;
 #[path = "kemari/fence_cmd.rs"]
 mod fence_cmd;
+#[path = "kemari/pv_cmd.rs"]
+mod pv_cmd;
 #[path = "kemari/sync_cmd.rs"]
 mod sync_cmd;
 
@@ -68,6 +70,8 @@ enum DebugCommand {
     Domains,
     #[command(flatten)]
     Sync(sync_cmd::SyncDebug),
+    #[command(flatten)]
+    Pv(pv_cmd::PvDebug),
     /// Show what an `xl save` image file contains (xl header, domain type, records by type,
     /// pages, pfn range, HVM context, params, emulator blobs). Needs no Xen; exit status 1 on
     /// malformed input.
@@ -244,11 +248,15 @@ fn run_debug(cmd: DebugCommand, json: bool) -> anyhow::Result<ExitCode> {
     if let DebugCommand::StreamInfo { file } = &cmd {
         return stream_info(file, json);
     }
+    if let DebugCommand::Pv(c) = cmd {
+        return pv_cmd::run(c);
+    }
     let hv = open_host()?;
     let hv = hv.as_ref();
     let mut out = std::io::stdout().lock();
     match cmd {
         DebugCommand::Sync(c) => return sync_cmd::run_debug(hv, c, json),
+        DebugCommand::Pv(c) => return pv_cmd::run(c),
         DebugCommand::StreamInfo { file } => return stream_info(&file, json),
         DebugCommand::Domains => {
             let rows = debug::domains(hv)?;

@@ -10,7 +10,9 @@ pub mod failpoint;
 pub mod fence;
 pub mod heartbeat;
 pub mod net;
+pub mod pvstate;
 pub mod resume;
+pub mod transparent;
 
 #[cfg(test)]
 mod tests;
