@@ -276,8 +276,9 @@ fn u64_at(page: &[u8], off: usize) -> u64 {
 }
 
 /// Recognises the structures of the module documentation in one page. `bound` are the
-/// guest's bound ports; `max_stime` bounds a plausible Xen system time (ns).
-pub fn scan_page(page: &[u8], bound: &[Port], max_stime: u64) -> Vec<Found> {
+/// guest's bound ports; `stime` is the window of Xen system times (ns) a `vcpu_info` written
+/// at the guest's last schedule may hold (the guest ran moments before it was paused).
+pub fn scan_page(page: &[u8], bound: &[Port], stime: (u64, u64)) -> Vec<Found> {
     let mut found = Vec::new();
     if page.len() != PAGE_SIZE {
         return found;
@@ -303,14 +304,15 @@ pub fn scan_page(page: &[u8], bound: &[Port], max_stime: u64) -> Vec<Found> {
         found.push(Found::ControlBlock { head0: head(0) });
         return found;
     }
-    // vcpu_info: 8-byte aligned 64-byte slots.
-    for off in (0..=PAGE_SIZE - 64).step_by(8) {
+    // vcpu_info: 64-byte slots (Linux's per-CPU xen_vcpu_info is cache-line aligned).
+    for off in (0..=PAGE_SIZE - 64).step_by(64) {
         let s = &page[off..off + 64];
         if s[0] > 1 || s[1] > 1 || s[2..8].iter().any(|b| *b != 0) {
             continue;
         }
         let version = u32_at(s, 32);
         let pad0 = u32_at(s, 36);
+        let tsc_timestamp = u64_at(s, 40);
         let system_time = u64_at(s, 48);
         let mul = u32_at(s, 56);
         let shift = s[60] as i8;
@@ -318,8 +320,9 @@ pub fn scan_page(page: &[u8], bound: &[Port], max_stime: u64) -> Vec<Found> {
         if version % 2 == 0
             && version != 0
             && pad0 == 0
-            && system_time > 0
-            && system_time <= max_stime
+            && tsc_timestamp != 0
+            && system_time >= stime.0
+            && system_time <= stime.1
             && mul != 0
             && (-8..=8).contains(&shift)
             && flags & !0x3 == 0
@@ -333,13 +336,13 @@ pub fn scan_page(page: &[u8], bound: &[Port], max_stime: u64) -> Vec<Found> {
 }
 
 /// Reads the PV state of the paused guest `domid`: ports, callback parameter, and the frames
-/// found by scanning its RAM (`shared_info_gfn` from the caller: `getdomaininfo`). `max_stime`
-/// bounds the system time a `vcpu_info` may hold (ns; e.g. dom0's boot time plus a margin).
+/// found by scanning its RAM (`shared_info_gfn` from the caller: `getdomaininfo`). `stime` is
+/// the window of system times a registered `vcpu_info` may hold (see [`scan_page`]).
 pub fn capture(
     hv: &dyn Hypervisor,
     domid: DomId,
     shared_info_gfn: Pfn,
-    max_stime: u64,
+    stime: (u64, u64),
 ) -> Result<PvState, PvStateError> {
     let xen = |step, source| PvStateError::Xen {
         domid,
@@ -381,7 +384,7 @@ pub fn capture(
             if failed.contains(pfn) || *pfn == shared_info_gfn {
                 continue;
             }
-            for f in scan_page(page, &bound, max_stime) {
+            for f in scan_page(page, &bound, stime) {
                 match f {
                     Found::EventArray => arrays.push(*pfn),
                     Found::ControlBlock { head0 } => controls.push((*pfn, head0)),
@@ -491,6 +494,8 @@ pub fn canonical_event_array(page: &[u8], first_port: Port, bound: &[Port]) -> V
 mod tests {
     use super::*;
 
+    const ANY: (u64, u64) = (0, u64::MAX);
+
     fn put32(p: &mut [u8], off: usize, v: u32) {
         p[off..off + 4].copy_from_slice(&v.to_le_bytes());
     }
@@ -509,6 +514,7 @@ mod tests {
     fn vcpu_info_slot(p: &mut [u8], off: usize, stime: u64) {
         p[off] = 1;
         put32(p, off + 32, 1234);
+        p[off + 40] = 7; // tsc_timestamp
         p[off + 48..off + 56].copy_from_slice(&stime.to_le_bytes());
         put32(p, off + 56, 0x8000_0000);
         p[off + 60] = 0xff; // shift -1
@@ -525,14 +531,14 @@ mod tests {
             (4, 0),
             (5, 0),
         ]);
-        assert_eq!(scan_page(&a, &bound, u64::MAX), vec![Found::EventArray]);
+        assert_eq!(scan_page(&a, &bound, ANY), vec![Found::EventArray]);
 
         let mut cb = vec![0u8; PAGE_SIZE];
         put32(&mut cb, 0, 1);
         put32(&mut cb, 8, 3);
         put32(&mut cb, 8 + 28, 2);
         assert_eq!(
-            scan_page(&cb, &bound, u64::MAX),
+            scan_page(&cb, &bound, ANY),
             vec![Found::ControlBlock { head0: 3 }]
         );
 
@@ -540,29 +546,33 @@ mod tests {
         pc[0x3c0..0x400].fill(0);
         vcpu_info_slot(&mut pc, 0x3c0, 40_000_000_000);
         assert_eq!(
-            scan_page(&pc, &bound, 100_000_000_000),
+            scan_page(&pc, &bound, (30_000_000_000, 100_000_000_000)),
             vec![Found::VcpuInfo { offset: 0x3c0 }]
         );
-        // a system time beyond the bound is no vcpu_info
-        assert!(scan_page(&pc, &bound, 1_000).is_empty());
+        // a system time outside the window is no vcpu_info, nor a slot off the 64-byte grid
+        assert!(scan_page(&pc, &bound, (0, 1_000)).is_empty());
+        assert!(scan_page(&pc, &bound, (50_000_000_000, u64::MAX)).is_empty());
+        let mut off = vec![0u8; PAGE_SIZE];
+        vcpu_info_slot(&mut off, 0x3c8, 40_000_000_000);
+        assert!(scan_page(&off, &bound, ANY).is_empty());
     }
 
     #[test]
     fn ordinary_pages_are_nothing() {
         let bound = [1, 2, 3];
-        assert!(scan_page(&vec![0u8; PAGE_SIZE], &bound, u64::MAX).is_empty());
-        assert!(scan_page(&vec![0xffu8; PAGE_SIZE], &bound, u64::MAX).is_empty());
+        assert!(scan_page(&vec![0u8; PAGE_SIZE], &bound, ANY).is_empty());
+        assert!(scan_page(&vec![0xffu8; PAGE_SIZE], &bound, ANY).is_empty());
         // a cleared page with head[0] = an unbound port is no control block
         let mut cb = vec![0u8; PAGE_SIZE];
         put32(&mut cb, 8, 77);
-        assert!(scan_page(&cb, &bound, u64::MAX).is_empty());
+        assert!(scan_page(&cb, &bound, ANY).is_empty());
         // a control-block-shaped page with data after byte 72 is not one
         put32(&mut cb, 8, 3);
         cb[100] = 1;
-        assert!(scan_page(&cb, &bound, u64::MAX).is_empty());
+        assert!(scan_page(&cb, &bound, ANY).is_empty());
         // an all-MASKED page has no bound port: not the array of a guest with ports
         let a = array_page(&[]);
-        assert!(scan_page(&a, &bound, u64::MAX).is_empty());
+        assert!(scan_page(&a, &bound, ANY).is_empty());
     }
 
     #[test]

@@ -44,15 +44,19 @@ pub fn run(cmd: PvDebug) -> anyhow::Result<ExitCode> {
         PvDebug::PvCapture { domain } => {
             let domid = kemarid::debug::resolve_domain(&host, &domain)?;
             let shinfo = host.shared_info_frame(domid)?;
-            // Xen's system time is about dom0's boot time; allow ten minutes more.
+            // Xen's system time is a few seconds ahead of dom0's uptime; the guest ran moments
+            // ago, so its vcpu_info was written within the last few minutes.
             let up = std::fs::read_to_string("/proc/uptime").context("reading /proc/uptime")?;
             let secs: f64 = up
                 .split_whitespace()
                 .next()
                 .and_then(|s| s.parse().ok())
                 .context("parsing /proc/uptime")?;
-            let max_stime = ((secs + 600.0) * 1e9) as u64;
-            let state = pvstate::capture(&host, domid, shinfo, max_stime)?;
+            let window = (
+                ((secs - 300.0).max(0.0) * 1e9) as u64,
+                ((secs + 120.0) * 1e9) as u64,
+            );
+            let state = pvstate::capture(&host, domid, shinfo, window)?;
             println!("{}", serde_json::to_string_pretty(&state)?);
         }
         PvDebug::PvResurrect {
