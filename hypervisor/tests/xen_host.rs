@@ -21,6 +21,9 @@
 // A test crate: helpers outside #[test] functions may unwrap too.
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../libxc-ffi/tests/support/xen_required.rs"]
+mod xen_required;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -85,12 +88,18 @@ fn open_on_a_machine_without_xen_fails_cleanly() {
 
 const FAKE_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../libxc-ffi/tests/fake");
 
+/// Whether libxen-dev's headers are there; without them the test skips, visibly, or fails
+/// where Xen is required (CI, `KEMARI_REQUIRE_XEN=1`: [`xen_required`]).
 fn headers_present() -> bool {
     let ok = Path::new("/usr/include/xenctrl.h").exists();
     if !ok {
-        eprintln!("skipped: /usr/include/xenctrl.h missing (apt-get install libxen-dev)");
+        xen_required::missing(&test_name(), "/usr/include/xenctrl.h");
     }
     ok
+}
+
+fn test_name() -> String {
+    std::thread::current().name().unwrap_or("test").to_string()
 }
 
 /// Compiles `<FAKE_DIR>/<src>.c` with `defines` (once per distinct build) and returns a fresh

@@ -5,6 +5,7 @@
 //! (`scripts/lab test ffi`).
 
 pub mod api;
+pub mod counting;
 pub mod daemon;
 pub mod debug;
 pub mod domconfig;

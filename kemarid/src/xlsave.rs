@@ -43,8 +43,8 @@ use kemari_stream::{Limits, MAX_PAGES_PER_RECORD};
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::counting::Counting;
 use crate::qmp::{QmpDeviceModel, QmpError};
-use crate::sync::image::Counting;
 
 /// The HVM parameters libxc's `write_hvm_params` (`xg_sr_save_x86_hvm.c`) sends, by number:
 /// STORE_PFN, IOREQ_PFN, BUFIOREQ_PFN, PAGING_RING_PFN, MONITOR_RING_PFN, SHARING_RING_PFN,

@@ -3,11 +3,15 @@
 //! the real ones), then loaded through `LibraryPaths` exactly like the real libraries.
 //!
 //! Needs `cc` (always there: it is Rust's linker) and libxen-dev's headers; without the
-//! headers each test says so and returns.
+//! headers each test says so on stderr and returns, or fails where Xen is required (`CI`
+//! set, `KEMARI_REQUIRE_XEN=1`: tests/support/xen_required.rs).
 
 // A test crate: helpers outside #[test] functions may unwrap too (clippy.toml allows it
 // only inside them).
 #![allow(clippy::unwrap_used)]
+
+#[path = "support/xen_required.rs"]
+mod xen_required;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -20,12 +24,18 @@ use libxc_ffi::*;
 
 const SRC_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fake");
 
+/// Whether libxen-dev's headers are there; without them the test skips, visibly, or fails
+/// where Xen is required (CI, `KEMARI_REQUIRE_XEN=1`: [`xen_required`]).
 fn headers_present() -> bool {
     let ok = Path::new("/usr/include/xenctrl.h").exists();
     if !ok {
-        eprintln!("skipped: /usr/include/xenctrl.h missing (apt-get install libxen-dev)");
+        xen_required::missing(&test_name(), "/usr/include/xenctrl.h");
     }
     ok
+}
+
+fn test_name() -> String {
+    std::thread::current().name().unwrap_or("test").to_string()
 }
 
 /// Compiles tests/fake/<src>.c with `defines` (once per distinct build) and returns a fresh

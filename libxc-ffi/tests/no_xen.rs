@@ -6,12 +6,18 @@
 // only inside them).
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/xen_required.rs"]
+mod xen_required;
+
 use libxc_ffi::*;
 
 fn xen_running() -> bool {
     let running = std::path::Path::new("/dev/xen/privcmd").exists();
     if running {
-        eprintln!("skipped: this machine runs Xen");
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"SKIPPED: this machine runs Xen (tests/dom0.rs covers it)\n",
+        );
     }
     running
 }
@@ -20,7 +26,11 @@ fn library_present(soname: &str) -> bool {
     // SAFETY: loading a Xen library only runs its initialisers.
     let ok = unsafe { libloading::Library::new(soname) }.is_ok();
     if !ok {
-        eprintln!("{soname} absent: checking the not-found path instead");
+        // the not-found path is checked instead; where Xen is required that is a failure
+        xen_required::missing(
+            std::thread::current().name().unwrap_or("test"),
+            &format!("{soname} (checking the not-found path instead)"),
+        );
     }
     ok
 }

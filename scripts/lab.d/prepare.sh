@@ -336,9 +336,11 @@ lab_prepare_binaries() {
   if [ -z "${KEMARI_LAB_NO_BUILD:-}" ] || [ ! -x "$LAB_REPO/target/release/kemari" ] ||
     [ ! -x "$LAB_REPO/target/release/kemarid" ]; then
     command -v cargo >/dev/null 2>&1 || lab_die "cargo is not installed: cannot build target/release/kemari"
-    lab_say "building the project: cargo build --release -p kemarid"
-    (cd "$LAB_REPO" && cargo build --release -p kemarid) ||
-      lab_die "cargo build --release -p kemarid FAILED: the lab needs target/release/kemari and kemarid"
+    # the lab is a test environment: its binaries carry the kill windows of scenario failpoints
+    # (feature failpoints, KEMARI_DEBUG_FAILPOINT; off unless that variable is set)
+    lab_say "building the project: cargo build --release -p kemarid --features failpoints"
+    (cd "$LAB_REPO" && cargo build --release -p kemarid --features failpoints) ||
+      lab_die "cargo build --release -p kemarid --features failpoints FAILED: the lab needs target/release/kemari and kemarid"
   fi
   [ -x "$LAB_REPO/target/release/kemari" ] && [ -x "$LAB_REPO/target/release/kemarid" ] ||
     lab_die "cargo build succeeded but target/release/kemari or kemarid is missing"

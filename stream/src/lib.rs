@@ -11,6 +11,7 @@
 //!   or read record by record with bounded memory ([`image::ImageReader`]).
 //! - [`checkpoint`]: Kemari's checkpoint frames (libxc-framed records, Kemari's own data in
 //!   OPTIONAL records) and the ACK/NACK replies.
+//! - [`records`]: Kemari's record types in libxc's optional range (used by both of the above).
 //! - [`disklog`]: the disk write log a checkpoint carries in its `KEMARI_EXTRA` records.
 //!
 //! Every decoder checks every length against a hard limit ([`Limits`]) before it reads, and
@@ -24,6 +25,7 @@ pub mod fuzzing;
 pub mod image;
 pub mod libxc;
 pub mod libxl;
+pub mod records;
 pub mod xl;
 
 /// Size of a guest page (x86, `page_shift` 12).

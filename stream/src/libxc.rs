@@ -858,7 +858,7 @@ pub fn record_name(rtype: u32) -> &'static str {
         REC_STATIC_DATA_END => "STATIC_DATA_END",
         REC_X86_CPUID_POLICY => "X86_CPUID_POLICY",
         REC_X86_MSR_POLICY => "X86_MSR_POLICY",
-        t if t & REC_OPTIONAL != 0 => crate::checkpoint::kemari_record_name(t),
+        t if t & REC_OPTIONAL != 0 => crate::records::kemari_record_name(t),
         _ => "UNKNOWN",
     }
 }

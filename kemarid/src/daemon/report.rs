@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::api::{GuestState, Quantiles, Role};
+use crate::sync::sender::CheckpointSample;
 
 /// Upper bounds (ms) of the histogram buckets of pause time, checkpoint latency and ACK wait
 /// (a last bucket, +Inf, is implicit).
@@ -232,23 +233,6 @@ impl WorkerReport {
                 source,
             })
     }
-}
-
-/// One checkpoint, as the sender observed it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct CheckpointSample {
-    /// Its sequence number.
-    pub seq: u64,
-    /// Time the guest was paused.
-    pub pause: Duration,
-    /// Pause start to ACK.
-    pub latency: Duration,
-    /// Last byte sent to ACK.
-    pub ack_wait: Duration,
-    /// Pages it carried.
-    pub pages: u64,
-    /// Its bytes on the wire.
-    pub bytes: u64,
 }
 
 fn quantiles(samples: &std::collections::VecDeque<f64>) -> Quantiles {

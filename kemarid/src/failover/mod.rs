@@ -1,11 +1,12 @@
 //! Failover: detecting the loss of the peer ([`heartbeat`]), resuming the guest on the
 //! secondary from the last ACKed checkpoint ([`resume`], [`disk`]), fencing a primary whose
 //! `kemari replicate` died on a live host ([`fence`]), the guest's network after a failover
-//! ([`net`]) and the lab's kill windows ([`failpoint`]). See `docs/failover.md`.
+//! ([`net`]) and the lab's kill windows (`failpoint`, with the `failpoints` feature only). See `docs/failover.md`.
 
 use hypervisor::{DomId, Hypervisor, HypervisorError};
 
 pub mod disk;
+#[cfg(feature = "failpoints")]
 pub mod failpoint;
 pub mod fence;
 pub mod heartbeat;

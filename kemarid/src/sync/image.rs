@@ -61,42 +61,6 @@ pub enum ImageError {
     },
 }
 
-/// A `Write` that counts the bytes through it.
-#[derive(Debug)]
-pub struct Counting<W> {
-    inner: W,
-    bytes: u64,
-}
-
-impl<W: Write> Counting<W> {
-    /// Wraps `inner`.
-    pub fn new(inner: W) -> Self {
-        Counting { inner, bytes: 0 }
-    }
-
-    /// Bytes written so far.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-
-    /// The wrapped writer.
-    pub fn get_mut(&mut self) -> &mut W {
-        &mut self.inner
-    }
-}
-
-impl<W: Write> Write for Counting<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.bytes += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// Writes everything before the first `PAGE_DATA`.
 pub fn write_prologue<W: Write + ?Sized>(
     w: &mut W,

@@ -27,9 +27,10 @@ use kemari_stream::checkpoint::{
 };
 use kemari_stream::Limits;
 
-use super::image::{self, Counting, EmulatorImage, ImageError};
+use super::image::{self, EmulatorImage, ImageError};
 use super::stats::{CheckpointStats, InitialStats, Progress, StatsSummary};
 use super::trigger::{Reasons, Triggers, Wakeup};
+use crate::counting::Counting;
 
 /// Pages per read call.
 const READ_BATCH: usize = 1024;
@@ -365,8 +366,24 @@ impl Drop for Stopped<'_> {
 }
 
 /// Called after every acknowledged checkpoint with its figures.
-pub type CheckpointObserver<'a> =
-    Box<dyn FnMut(&crate::daemon::report::CheckpointSample) + Send + 'a>;
+pub type CheckpointObserver<'a> = Box<dyn FnMut(&CheckpointSample) + Send + 'a>;
+
+/// One checkpoint, as the sender observed it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CheckpointSample {
+    /// Its sequence number.
+    pub seq: u64,
+    /// Time the guest was paused.
+    pub pause: Duration,
+    /// Pause start to ACK.
+    pub latency: Duration,
+    /// Last byte sent to ACK.
+    pub ack_wait: Duration,
+    /// Pages it carried.
+    pub pages: u64,
+    /// Its bytes on the wire.
+    pub bytes: u64,
+}
 
 /// The primary's end of one protection connection.
 pub struct Sender<'a> {
@@ -954,7 +971,7 @@ impl<'a> Sender<'a> {
         }
         self.stats.record(pause, npages, bytes, ack_wait);
         if let Some(observe) = self.observer.as_mut() {
-            observe(&crate::daemon::report::CheckpointSample {
+            observe(&CheckpointSample {
                 seq,
                 pause,
                 latency: t0.elapsed(),

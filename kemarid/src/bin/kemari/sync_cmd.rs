@@ -276,6 +276,36 @@ fn report_failure(
     }
     r
 }
+/// Stands for `kemarid::failover::failpoint::FailPoint` in a build without the `failpoints`
+/// feature: there is none.
+#[cfg(not(feature = "failpoints"))]
+enum NoFailPoint {}
+
+#[cfg(not(feature = "failpoints"))]
+impl NoFailPoint {
+    fn initial_progress(&mut self) -> bool {
+        match *self {}
+    }
+
+    fn hook<'a>(
+        self,
+        _inner: Box<dyn kemarid::sync::sender::CheckpointHook + 'a>,
+    ) -> Box<dyn kemarid::sync::sender::CheckpointHook + 'a> {
+        match self {}
+    }
+}
+
+/// Without the `failpoints` feature a kill window asked for is refused, not silently ignored.
+#[cfg(not(feature = "failpoints"))]
+fn no_failpoints() -> anyhow::Result<Option<NoFailPoint>> {
+    if std::env::var_os("KEMARI_DEBUG_FAILPOINT").is_some() {
+        anyhow::bail!(
+            "KEMARI_DEBUG_FAILPOINT is set, but this kemari was built without the failpoints \
+             feature (the lab's build: cargo build --release -p kemarid --features failpoints)"
+        );
+    }
+    Ok(None)
+}
 
 fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
     // before any thread starts: SIGUSR1 asks for a held stop (commit_cmd)
@@ -346,8 +376,12 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
             }
         });
     }
-    // lab kill windows (KEMARI_DEBUG_FAILPOINT, kemarid::failover::failpoint); off by default
+    // lab kill windows (KEMARI_DEBUG_FAILPOINT, kemarid::failover::failpoint); off by default,
+    // and only in a build with the `failpoints` feature (the lab's)
+    #[cfg(feature = "failpoints")]
     let mut failpoint = kemarid::failover::failpoint::FailPoint::from_env()?;
+    #[cfg(not(feature = "failpoints"))]
+    let mut failpoint = no_failpoints()?;
     let fence = match (a.heartbeat_port, a.no_fence) {
         (Some(_), false) => Some(crate::fence_cmd::start(domid, &a.heartbeat.config())?),
         _ => None,
