@@ -278,7 +278,16 @@ fn u64_at(page: &[u8], off: usize) -> u64 {
 /// Recognises the structures of the module documentation in one page. `bound` are the
 /// guest's bound ports; `stime` is the window of Xen system times (ns) a `vcpu_info` written
 /// at the guest's last schedule may hold (the guest ran moments before it was paused).
-pub fn scan_page(page: &[u8], bound: &[Port], stime: (u64, u64)) -> Vec<Found> {
+///
+/// `scale` is the `(tsc_to_system_mul, tsc_shift)` Xen wrote into `shared_info`'s own
+/// `vcpu_info[0]` before the guest registered its own: a registered one carries the same
+/// shift and a multiplier within 1/64 of it (Xen recalibrates it a little every second).
+pub fn scan_page(
+    page: &[u8],
+    bound: &[Port],
+    stime: (u64, u64),
+    scale: Option<(u32, i8)>,
+) -> Vec<Found> {
     let mut found = Vec::new();
     if page.len() != PAGE_SIZE {
         return found;
@@ -325,6 +334,7 @@ pub fn scan_page(page: &[u8], bound: &[Port], stime: (u64, u64)) -> Vec<Found> {
             && system_time <= stime.1
             && mul != 0
             && (-8..=8).contains(&shift)
+            && scale.is_none_or(|(m, sh)| sh == shift && mul.abs_diff(m) <= m / 64)
             && flags & !0x3 == 0
             && s[62] == 0
             && s[63] == 0
@@ -363,6 +373,11 @@ pub fn capture(
         .hvm_param(domid, HVM_PARAM_CALLBACK_IRQ)
         .map_err(|e| xen("HVM_PARAM_CALLBACK_IRQ", e))?;
     let max_gpfn = hv.maximum_gpfn(domid).map_err(|e| xen("maximum gpfn", e))?;
+    let mut shared = [0u8; PAGE_SIZE];
+    hv.read_page(domid, shared_info_gfn, &mut shared)
+        .map_err(|e| xen("reading shared_info", e))?;
+    let scale = Some((u32_at(&shared, 56), shared[60] as i8)).filter(|(m, _)| *m != 0);
+    log::info!("domain {domid}: shared_info's time scale {scale:?}");
 
     let mut arrays = Vec::new();
     let mut controls: Vec<(Pfn, Port)> = Vec::new();
@@ -384,7 +399,7 @@ pub fn capture(
             if failed.contains(pfn) || *pfn == shared_info_gfn {
                 continue;
             }
-            for f in scan_page(page, &bound, stime) {
+            for f in scan_page(page, &bound, stime, scale) {
                 match f {
                     Found::EventArray => arrays.push(*pfn),
                     Found::ControlBlock { head0 } => controls.push((*pfn, head0)),
@@ -531,14 +546,14 @@ mod tests {
             (4, 0),
             (5, 0),
         ]);
-        assert_eq!(scan_page(&a, &bound, ANY), vec![Found::EventArray]);
+        assert_eq!(scan_page(&a, &bound, ANY, None), vec![Found::EventArray]);
 
         let mut cb = vec![0u8; PAGE_SIZE];
         put32(&mut cb, 0, 1);
         put32(&mut cb, 8, 3);
         put32(&mut cb, 8 + 28, 2);
         assert_eq!(
-            scan_page(&cb, &bound, ANY),
+            scan_page(&cb, &bound, ANY, None),
             vec![Found::ControlBlock { head0: 3 }]
         );
 
@@ -546,33 +561,41 @@ mod tests {
         pc[0x3c0..0x400].fill(0);
         vcpu_info_slot(&mut pc, 0x3c0, 40_000_000_000);
         assert_eq!(
-            scan_page(&pc, &bound, (30_000_000_000, 100_000_000_000)),
+            scan_page(
+                &pc,
+                &bound,
+                (30_000_000_000, 100_000_000_000),
+                Some((0x8000_0100, -1))
+            ),
             vec![Found::VcpuInfo { offset: 0x3c0 }]
         );
         // a system time outside the window is no vcpu_info, nor a slot off the 64-byte grid
-        assert!(scan_page(&pc, &bound, (0, 1_000)).is_empty());
-        assert!(scan_page(&pc, &bound, (50_000_000_000, u64::MAX)).is_empty());
+        assert!(scan_page(&pc, &bound, (0, 1_000), None).is_empty());
+        // another clock scale: not Xen's
+        assert!(scan_page(&pc, &bound, ANY, Some((0x4000_0000, -1))).is_empty());
+        assert!(scan_page(&pc, &bound, ANY, Some((0x8000_0000, 0))).is_empty());
+        assert!(scan_page(&pc, &bound, (50_000_000_000, u64::MAX), None).is_empty());
         let mut off = vec![0u8; PAGE_SIZE];
         vcpu_info_slot(&mut off, 0x3c8, 40_000_000_000);
-        assert!(scan_page(&off, &bound, ANY).is_empty());
+        assert!(scan_page(&off, &bound, ANY, None).is_empty());
     }
 
     #[test]
     fn ordinary_pages_are_nothing() {
         let bound = [1, 2, 3];
-        assert!(scan_page(&vec![0u8; PAGE_SIZE], &bound, ANY).is_empty());
-        assert!(scan_page(&vec![0xffu8; PAGE_SIZE], &bound, ANY).is_empty());
+        assert!(scan_page(&vec![0u8; PAGE_SIZE], &bound, ANY, None).is_empty());
+        assert!(scan_page(&vec![0xffu8; PAGE_SIZE], &bound, ANY, None).is_empty());
         // a cleared page with head[0] = an unbound port is no control block
         let mut cb = vec![0u8; PAGE_SIZE];
         put32(&mut cb, 8, 77);
-        assert!(scan_page(&cb, &bound, ANY).is_empty());
+        assert!(scan_page(&cb, &bound, ANY, None).is_empty());
         // a control-block-shaped page with data after byte 72 is not one
         put32(&mut cb, 8, 3);
         cb[100] = 1;
-        assert!(scan_page(&cb, &bound, ANY).is_empty());
+        assert!(scan_page(&cb, &bound, ANY, None).is_empty());
         // an all-MASKED page has no bound port: not the array of a guest with ports
         let a = array_page(&[]);
-        assert!(scan_page(&a, &bound, ANY).is_empty());
+        assert!(scan_page(&a, &bound, ANY, None).is_empty());
     }
 
     #[test]
