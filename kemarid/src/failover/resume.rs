@@ -21,6 +21,7 @@ use kemari_stream::image::{GuestKind, ImageSpec, ImageWriter};
 use kemari_stream::xl::XlHeader;
 use kemari_stream::{Limits, MAX_PAGES_PER_RECORD};
 
+use crate::counting::Counting;
 use crate::domconfig;
 use crate::sync::receiver::Staged;
 use crate::xltool::{XlError, XlTool};
@@ -107,22 +108,6 @@ pub struct ImageFigures {
     pub bytes: u64,
 }
 
-struct CountingWriter<W: Write> {
-    inner: W,
-    bytes: u64,
-}
-
-impl<W: Write> Write for CountingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.bytes += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// Writes an `xl save` image of `replica` to `out`: every populated page of its memory, then
 /// the staged HVM context and parameters (non-zero ones, as libxc sends them) and, for HVM,
 /// the staged device state with `emulator_xenstore` (the device model's physmap keys).
@@ -173,10 +158,7 @@ pub fn write_image<W: Write>(
         cpuid_policy: None,
         msr_policy: None,
     };
-    let w = CountingWriter {
-        inner: BufWriter::with_capacity(1 << 20, out),
-        bytes: 0,
-    };
+    let w = Counting::new(BufWriter::with_capacity(1 << 20, out));
     let mut image =
         ImageWriter::new(w, &spec, Limits::default()).map_err(|e| img(e.to_string()))?;
     let max_gpfn = hv
@@ -236,7 +218,7 @@ pub fn write_image<W: Write>(
     Ok(ImageFigures {
         pages,
         holes,
-        bytes: w.bytes,
+        bytes: w.bytes(),
     })
 }
 
