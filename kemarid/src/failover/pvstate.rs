@@ -140,7 +140,8 @@ pub struct PvState {
     pub vcpus: u32,
     /// Bound ports, ascending.
     pub ports: Vec<PortEntry>,
-    /// `HVM_PARAM_CALLBACK_IRQ` (0: the guest uses per-vCPU upcall vectors).
+    /// `HVM_PARAM_CALLBACK_IRQ` (0 or 1: the guest uses per-vCPU upcall vectors, see
+    /// `transparent::uses_percpu_vector`).
     pub callback_irq: u64,
     /// Where the guest mapped `shared_info`.
     pub shared_info_gfn: Pfn,

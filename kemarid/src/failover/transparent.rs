@@ -272,6 +272,15 @@ pub fn kept_ports(guest: &[PortEntry], replica: &[PortEntry]) -> Vec<Port> {
         .collect()
 }
 
+/// Whether a guest whose `HVM_PARAM_CALLBACK_IRQ` is `callback_irq` takes its event upcalls
+/// through per-vCPU vectors (`HVMOP_set_evtchn_upcall_vector`, self-only) rather than the
+/// parameter (which dom0 sets). Linux with per-vCPU vectors sets the parameter to 1 (GSI 1)
+/// "to trick the toolstack into thinking it is enlightened" (`xen_set_upcall_vector`); the lab
+/// showed exactly that value on a PVH guest. 0 (no callback set) means the same.
+pub fn uses_percpu_vector(callback_irq: u64) -> bool {
+    callback_irq <= 1
+}
+
 /// The stub's table for `pv` on a replica whose bound ports are `replica`; `masked` are the
 /// guest's masked ports (not unmasked at the end).
 pub fn plan(
@@ -408,7 +417,7 @@ pub fn plan(
             expect_port: None,
         });
     }
-    if pv.callback_irq == 0 {
+    if uses_percpu_vector(pv.callback_irq) {
         for v in 0..pv.vcpus {
             ops.push(Op {
                 what: format!("set_evtchn_upcall_vector vcpu {v} {UPCALL_VECTOR:#x}"),
@@ -690,7 +699,7 @@ pub fn resurrect(
     shinfo
         .map_shared_info(replica, pv.shared_info_gfn)
         .map_err(|e| xen("mapping shared_info", e))?;
-    if pv.callback_irq != 0 {
+    if !uses_percpu_vector(pv.callback_irq) {
         hv.set_hvm_param(replica, HVM_PARAM_CALLBACK_IRQ, pv.callback_irq)
             .map_err(|e| xen("HVM_PARAM_CALLBACK_IRQ", e))?;
     }
@@ -915,6 +924,11 @@ mod tests {
         let mut pv2 = pv.clone();
         pv2.callback_irq = (2u64 << 56) | 0xf3;
         let masked: HashSet<Port> = [4].into_iter().collect();
+        // Linux's marker value 1 (GSI 1) with per-vCPU vectors: the stub sets the vector
+        let mut pv1 = pv.clone();
+        pv1.callback_irq = 1;
+        let ops1 = plan(9, &pv1, &replica_ports(), &HashSet::new()).unwrap();
+        assert_eq!(ops1.iter().filter(|o| o.nr == HYPERCALL_HVM_OP).count(), 1);
         let ops = plan(9, &pv2, &replica_ports(), &masked).unwrap();
         assert!(!ops.iter().any(|o| o.what == "unmask port 4"));
         assert!(!ops.iter().any(|o| o.nr == HYPERCALL_HVM_OP));
