@@ -335,7 +335,7 @@ pub fn scan_page(
             && system_time <= stime.1
             && mul != 0
             && (-8..=8).contains(&shift)
-            && scale.is_none_or(|(m, sh)| sh == shift && mul.abs_diff(m) <= m / 64)
+            && scale.map_or(true, |(m, sh)| sh == shift && mul.abs_diff(m) <= m / 64)
             && flags & !0x3 == 0
             && s[62] == 0
             && s[63] == 0

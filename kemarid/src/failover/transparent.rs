@@ -964,7 +964,7 @@ mod tests {
         // 0x100000 (the code's page) -> PD 0 entry 0; 3 GiB + 2 MiB -> PD 3 entry 1
         assert_eq!(get_u64(&p[3], 0), (0x104 << 12) | 3);
         assert_eq!(get_u64(&p[4], 3 * 8), (0x108 << 12) | 3);
-        assert_eq!(get_u64(&p[8], 8), (3u64 << 30) + (2 << 20) | 0x83);
+        assert_eq!(get_u64(&p[8], 8), ((3u64 << 30) + (2 << 20)) | 0x83);
     }
 
     #[test]

@@ -63,7 +63,7 @@ lab_figure resurrect_s "$(lab_since "$t0")"
 
 lab_step "the guest runs on on host2"
 f2=$(lab_guest_console_file host2 "$name")
-want=$((last + 2))
+want=$((last + 5))
 ok=0
 for _ in $(seq 120); do
   n=$(grep -aoE 'kemari-guest alive [0-9]+' "$f2" 2>/dev/null | tail -1 | awk '{print $3}')
