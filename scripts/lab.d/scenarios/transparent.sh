@@ -66,7 +66,7 @@ f2=$(lab_guest_console_file host2 "$name")
 want=$((last + 5))
 ok=0
 for _ in $(seq 120); do
-  n=$(grep -aoE 'kemari-guest alive [0-9]+' "$f2" 2>/dev/null | tail -1 | awk '{print $3}')
+  n=$( (grep -aoE 'kemari-guest alive [0-9]+' "$f2" 2>/dev/null || true) | tail -1 | awk '{print $3}')
   if [ -n "$n" ] && [ "$n" -ge "$want" ]; then ok=1; break; fi
   sleep 1
 done
