@@ -18,7 +18,7 @@
 //!
 //! [`capture`] reads it all; [`scan_page`] is the pure part, tested below.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 
 use hypervisor::{DomId, EvtchnState, Hypervisor, HypervisorError, Pfn, Port, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
@@ -490,15 +490,15 @@ pub fn capture(
 /// PENDING set on `bound` ports, MASKED kept. `first_port` is the page's first port.
 pub fn canonical_event_array(page: &[u8], first_port: Port, bound: &[Port]) -> Vec<u8> {
     let mut out = page.to_vec();
-    let pending: HashMap<usize, ()> = bound
+    let pending: HashSet<usize> = bound
         .iter()
         .filter(|p| **p >= first_port && ((**p - first_port) as usize) < WORDS_PER_PAGE)
-        .map(|p| ((*p - first_port) as usize, ()))
+        .map(|p| (*p - first_port) as usize)
         .collect();
     for (i, w) in out.chunks_exact_mut(4).enumerate() {
         let mut word = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
         word &= !(FIFO_LINKED | FIFO_LINK_MASK | FIFO_BUSY);
-        if pending.contains_key(&i) {
+        if pending.contains(&i) {
             word |= FIFO_PENDING;
         }
         w.copy_from_slice(&word.to_le_bytes());

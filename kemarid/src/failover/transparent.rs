@@ -64,6 +64,10 @@ pub const STUB_PAGES: usize = 9;
 pub const ENTRY_LEN: usize = 40;
 /// Bytes of one argument slot.
 pub const ARG_LEN: usize = 32;
+/// What an entry's result slot holds until the stub has made its call: no hypercall returns it
+/// (they return 0, a small positive value or a negated errno), so dom0 can tell the calls made
+/// from those not made when the stub stops early.
+pub const NOT_RUN: u64 = 0x4e4f_5452_554e_0000;
 /// Table entries that fit the table page (the last one is the terminator).
 pub const MAX_OPS: usize = PAGE_SIZE / ENTRY_LEN - 1;
 /// Where the stub's pages are looked for (low RAM, below 4 GiB).
@@ -469,6 +473,7 @@ pub fn stub_pages(
         e[8..16].copy_from_slice(&op.a1.to_le_bytes());
         e[16..24].copy_from_slice(&val(op.a2, i).to_le_bytes());
         e[24..32].copy_from_slice(&val(op.a3, i).to_le_bytes());
+        e[32..40].copy_from_slice(&NOT_RUN.to_le_bytes());
         let a = &mut pages[2][i * ARG_LEN..i * ARG_LEN + op.arg.len().min(ARG_LEN)];
         a.copy_from_slice(&op.arg[..op.arg.len().min(ARG_LEN)]);
     }
@@ -484,6 +489,12 @@ pub fn stub_pages(
         }
     }
     pages
+}
+
+/// How many of the table's calls the stub made, from the entries' result slots: it makes them in
+/// order, and a made call's slot no longer holds [`NOT_RUN`] (a call returning 0 counts).
+pub fn calls_made(results: &[u64]) -> usize {
+    results.iter().take_while(|r| **r != NOT_RUN).count()
 }
 
 fn get_u64(b: &[u8], off: usize) -> u64 {
@@ -752,9 +763,7 @@ pub fn resurrect(
     put_back(hv)?;
     if !finished {
         let info = hv.domain_info(replica).map_err(|e| xen("domain info", e))?;
-        // an entry whose nr was overwritten with its result is not told apart: count the
-        // entries before the first one still holding a non-zero pending result slot
-        let done = results.iter().take_while(|r| **r == 0).count();
+        let done = calls_made(&results);
         return Err(TransparentError::StubTimeout {
             domid: replica,
             waited_ms: stub_ms as u64,
@@ -946,6 +955,14 @@ mod tests {
     }
 
     #[test]
+    fn calls_made_counts_calls_that_returned_zero() {
+        assert_eq!(calls_made(&[NOT_RUN; 4]), 0);
+        assert_eq!(calls_made(&[0, 0, NOT_RUN, NOT_RUN]), 2);
+        assert_eq!(calls_made(&[0, (-22i64) as u64, NOT_RUN]), 2);
+        assert_eq!(calls_made(&[0, 5, 0]), 3);
+    }
+
+    #[test]
     fn stub_pages_hold_code_table_and_identity_map() {
         let gfns: [Pfn; STUB_PAGES] = [
             0x100, 0x101, 0x102, 0x103, 0x104, 0x105, 0x106, 0x107, 0x108,
@@ -961,6 +978,9 @@ mod tests {
         assert_eq!(get_u64(&p[1], 9 * ENTRY_LEN + 24), (0x102 << 12) + 9 * 32);
         assert_eq!(get_u64(&p[2], 9 * 32), 0x7a31);
         assert_eq!(get_u64(&p[1], ops.len() * ENTRY_LEN), u64::MAX);
+        for i in 0..ops.len() {
+            assert_eq!(get_u64(&p[1], i * ENTRY_LEN + 32), NOT_RUN, "entry {i}");
+        }
         // 0x100000 (the code's page) -> PD 0 entry 0; 3 GiB + 2 MiB -> PD 3 entry 1
         assert_eq!(get_u64(&p[3], 0), (0x104 << 12) | 3);
         assert_eq!(get_u64(&p[4], 3 * 8), (0x108 << 12) | 3);
