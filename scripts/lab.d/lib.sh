@@ -14,6 +14,9 @@
 
 LAB_NET_PREFIX=10.77.0
 LAB_MEM_HOST=${KEMARI_LAB_HOST_MEM:-2048}
+# CPUs of each host (QEMU -smp, one TCG thread each). dom0 has one vCPU (dom0_max_vcpus=1), so
+# a second CPU lets a guest run beside dom0 instead of taking turns with it.
+LAB_HOST_CPUS=${KEMARI_LAB_HOST_CPUS:-1}
 LAB_BOOT_TIMEOUT=${KEMARI_LAB_BOOT_TIMEOUT:-180}
 
 lab_say() { printf 'lab: %s\n' "$*" >&2; }
@@ -136,7 +139,7 @@ lab_start_qemu() { # HOST  (ports in LAB_PORT[k] or LAB_UPORT[k])
   local dom0_cmdline
   dom0_cmdline="console=hvc0 earlyprintk=xen loglevel=4 lab.host=$k lab.ip=$(lab_host_ip "$h")/24"
   echo "$(date -u +%T) starting $h" >>"$d/qemu.log"
-  setsid qemu-system-x86_64 -accel tcg -machine pc -cpu qemu64,+svm,+npt -m "$LAB_MEM_HOST" -smp 1 \
+  setsid qemu-system-x86_64 -accel tcg -machine pc -cpu qemu64,+svm,+npt -m "$LAB_MEM_HOST" -smp "$LAB_HOST_CPUS" \
     -nodefaults -no-user-config -display none -vga none \
     -kernel "$img/xen.elf" -append "$xen_cmdline ${KEMARI_LAB_XEN_ARGS:-}" \
     -initrd "$img/vmlinuz $dom0_cmdline ${KEMARI_LAB_DOM0_ARGS:-},$img/dom0.cpio" \
@@ -514,8 +517,13 @@ lab_check_disk() {
 # ---- scenarios ----
 
 # lab_step 'what': name the step a scenario is in (shown when the scenario fails).
+# Each step's start is also written, with the seconds since the scenario began, to
+# steps-NAME.txt in the run folder: where a scenario's time goes.
 lab_step() {
   echo "$*" >"$LAB_RUN/.step"
+  if [ -n "${LAB_SCENARIO_T0:-}" ]; then
+    printf '%s %s\n' "$(lab_since "$LAB_SCENARIO_T0")" "$*" >>"$LAB_RUN/steps-${LAB_SCENARIO:-x}.txt"
+  fi
   lab_say "-- $*"
 }
 # lab_figure NAME VALUE: a figure shown on the scenario's final line.
@@ -529,6 +537,7 @@ lab_run_scenario() {
   [ -f "$file" ] || { echo "scenario $name: FAIL no such scenario ($file)"; return 1; }
   rm -f "$LAB_RUN/.step" "$LAB_RUN/.figures" "$LAB_RUN/.why"
   t0=$(lab_now)
+  LAB_SCENARIO=$name LAB_SCENARIO_T0=$t0
   rm -f "$LAB_RUN/.rc" "$LAB_RUN/.scenario_pids"
   # In the background + `wait`: a signal sent to scripts/lab alone (kill -INT/-TERM PID, not only
   # Ctrl-C to the whole terminal group) then runs its trap at once instead of after the scenario.
