@@ -14,9 +14,6 @@
 
 LAB_NET_PREFIX=10.77.0
 LAB_MEM_HOST=${KEMARI_LAB_HOST_MEM:-2048}
-# CPUs of each host (QEMU -smp, one TCG thread each). dom0 has one vCPU (dom0_max_vcpus=1), so
-# a second CPU lets a guest run beside dom0 instead of taking turns with it.
-LAB_HOST_CPUS=${KEMARI_LAB_HOST_CPUS:-1}
 LAB_BOOT_TIMEOUT=${KEMARI_LAB_BOOT_TIMEOUT:-180}
 
 lab_say() { printf 'lab: %s\n' "$*" >&2; }
@@ -139,7 +136,7 @@ lab_start_qemu() { # HOST  (ports in LAB_PORT[k] or LAB_UPORT[k])
   local dom0_cmdline
   dom0_cmdline="console=hvc0 earlyprintk=xen loglevel=4 lab.host=$k lab.ip=$(lab_host_ip "$h")/24"
   echo "$(date -u +%T) starting $h" >>"$d/qemu.log"
-  setsid qemu-system-x86_64 -accel tcg -machine pc -cpu qemu64,+svm,+npt -m "$LAB_MEM_HOST" -smp "$LAB_HOST_CPUS" \
+  setsid qemu-system-x86_64 -accel tcg -machine pc -cpu qemu64,+svm,+npt -m "$LAB_MEM_HOST" -smp 1 \
     -nodefaults -no-user-config -display none -vga none \
     -kernel "$img/xen.elf" -append "$xen_cmdline ${KEMARI_LAB_XEN_ARGS:-}" \
     -initrd "$img/vmlinuz $dom0_cmdline ${KEMARI_LAB_DOM0_ARGS:-},$img/dom0.cpio" \
