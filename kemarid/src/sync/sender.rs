@@ -169,6 +169,28 @@ pub enum SendError {
     },
 }
 
+impl SendError {
+    /// Whether the error says the secondary is gone or unusable (the stream, the socket, its
+    /// replies), as opposed to a failure on this host (Xen, the device model, the guest's
+    /// suspend, the hook's extra records): the caller reports the two differently, and only the
+    /// first is a "secondary lost".
+    pub fn peer_lost(&self) -> bool {
+        match self {
+            SendError::Image(_)
+            | SendError::Stream { .. }
+            | SendError::Io { .. }
+            | SendError::AckTimeout { .. }
+            | SendError::Nack { .. }
+            | SendError::WrongReply { .. } => true,
+            SendError::Xen { .. }
+            | SendError::NotProtectable { .. }
+            | SendError::Device { .. }
+            | SendError::Suspend { .. }
+            | SendError::Extra { .. } => false,
+        }
+    }
+}
+
 /// Tuning of the sender.
 #[derive(Debug, Clone)]
 pub struct SenderOptions {

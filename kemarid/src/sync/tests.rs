@@ -530,6 +530,7 @@ fn sender_faults_at_every_step_leave_guest_running_and_replica_at_last_ack() {
             .protect(&Triggers::new(Duration::from_millis(1)), &mut rec)
             .unwrap_err();
         assert!(matches!(err, SendError::Xen { .. }), "{method:?}: {err}");
+        assert!(!err.peer_lost(), "{method:?}: a Xen failure is not a lost secondary: {err}");
         assert_eq!(
             p.xen.pause_count(p.dom),
             Some(0),
@@ -585,6 +586,7 @@ fn receiver_faults_roll_back_to_the_last_ack() {
             matches!(err, SendError::Nack { seq: 3, .. }),
             "{method:?}/{nth}: {err}"
         );
+        assert!(err.peer_lost(), "{err}");
         assert_eq!(p.xen.pause_count(p.dom), Some(0));
         drop(tx);
         let fail = sec.handle.join().unwrap().unwrap_err();
@@ -650,6 +652,7 @@ fn replica_build_failure_fails_the_initial_sync() {
             matches!(err, SendError::Stream { seq: 0, .. }),
             "{method:?}: {err}"
         );
+        assert!(err.peer_lost(), "{err}");
         assert_eq!(p.xen.log_dirty_enabled(p.dom), Some(false));
         assert_eq!(p.xen.pause_count(p.dom), Some(0));
         let fail = sec.handle.join().unwrap().unwrap_err();
@@ -698,6 +701,7 @@ fn peer_death_mid_checkpoint_fails_the_sender_cleanly() {
         matches!(err, SendError::Stream { seq: 1, .. } | SendError::Io { .. }),
         "{err}"
     );
+    assert!(err.peer_lost(), "{err}");
     peer.join().unwrap();
     assert_eq!(p.xen.pause_count(p.dom), Some(0));
     assert_eq!(p.xen.log_dirty_enabled(p.dom), Some(false));
@@ -912,6 +916,7 @@ fn pv_guests_are_refused() {
     let mut tx = Sender::new(&xen, dom, stream, opts(), None).unwrap();
     let err = tx.initial_sync(b"{}", &mut |_| {}).unwrap_err();
     assert!(matches!(err, SendError::NotProtectable { .. }), "{err}");
+    assert!(!err.peer_lost(), "{err}");
     assert_eq!(xen.log_dirty_enabled(dom), Some(false));
 }
 
@@ -951,6 +956,7 @@ fn missing_ack_times_out_with_the_guest_running() {
         .protect(&Triggers::new(Duration::from_millis(1)), &mut hook)
         .unwrap_err();
     assert!(matches!(err, SendError::AckTimeout { seq: 1, .. }), "{err}");
+    assert!(err.peer_lost(), "{err}");
     assert_eq!(p.xen.pause_count(p.dom), Some(0));
     assert_eq!(p.xen.log_dirty_enabled(p.dom), Some(false));
     done_tx.send(()).unwrap();
@@ -1002,6 +1008,7 @@ fn device_state_failure_ends_protection_with_the_guest_running() {
         .protect(&Triggers::new(Duration::from_millis(1)), &mut hook)
         .unwrap_err();
     assert!(matches!(err, SendError::Device { .. }), "{err}");
+    assert!(!err.peer_lost(), "{err}");
     assert!(err.to_string().contains("QMP socket closed"), "{err}");
     // Resumed after the image, after checkpoint 1, and after the failed save of checkpoint 2.
     assert_eq!(resumes.load(Ordering::SeqCst), 3);
@@ -1399,6 +1406,7 @@ fn failing_extra_records_end_protection_with_the_guest_running() {
         .protect(&Triggers::new(Duration::from_millis(1)), &mut FailAt(3))
         .unwrap_err();
     assert!(matches!(err, SendError::Extra { seq: 3, .. }), "{err}");
+    assert!(!err.peer_lost(), "{err}");
     assert_eq!(p.xen.pause_count(p.dom), Some(0));
     assert_eq!(p.xen.log_dirty_enabled(p.dom), Some(false));
     drop(tx);

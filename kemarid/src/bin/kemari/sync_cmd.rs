@@ -430,11 +430,33 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
         });
     }
     let start = Instant::now();
-    let lost = |what: &str, e: &dyn std::fmt::Display, hb: Option<Heartbeat>| {
+    let lost = |what: &str, e: &kemarid::sync::sender::SendError, hb: Option<Heartbeat>| {
         let (cause, dead) = match hb.as_ref().map(Heartbeat::state) {
             Some(PeerState::Dead(c)) => (format!("heartbeat: {c:?}"), true),
             _ => (format!("stream: {e}"), false),
         };
+        if !dead && !e.peer_lost() {
+            // a failure here, not of the secondary: it is told goodbye (no failover to a
+            // second copy), and the operator is told what happened to the guest
+            fence.disarm();
+            if let Some(hb) = hb {
+                hb.stop(true);
+            }
+            let guest = match hv.domain_info(domid) {
+                Ok(i) if i.shutdown.is_none() => "keeps running UNPROTECTED".to_string(),
+                Ok(i) => format!("has shut down ({:?})", i.shutdown),
+                Err(_) => "is gone".to_string(),
+            };
+            log::error!("protection failed on this host {what}: {e}");
+            status.finish(
+                kemarid::api::GuestState::Failed,
+                Some(format!("protection failed on this host {what}: {e}")),
+            );
+            eprintln!(
+                "kemari replicate: PROTECTION FAILED on this host {what} ({e}): guest {domid} {guest}; the secondary was told not to fail over"
+            );
+            return;
+        }
         // The guest keeps running here: no fencing; a secondary that still answers is told
         // goodbye, or it would resume a second copy once this process is gone.
         fence.disarm();
