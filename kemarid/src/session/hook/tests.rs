@@ -33,6 +33,19 @@ fn no_request() -> Arc<AtomicBool> {
     Arc::new(AtomicBool::new(false))
 }
 
+/// [`chain`] around [`Inner`] with both gates, never held; the gates.
+fn both_gates(suspend: bool) -> (Box<dyn CheckpointHook>, Arc<OutputGate>, Arc<OutputGate>) {
+    let (disk, net) = gates();
+    let h = chain(
+        Inner,
+        no_request(),
+        Some(disk.clone()),
+        Some(net.clone()),
+        suspend,
+    );
+    (h, disk, net)
+}
+
 fn gates() -> (Arc<OutputGate>, Arc<OutputGate>) {
     (
         OutputGate::new(1, Box::new(NoTap)),
@@ -51,14 +64,7 @@ fn checkpoint(h: &mut dyn CheckpointHook, seq: u64, between: impl FnOnce()) {
 
 #[test]
 fn frames_wait_for_the_ack_even_when_disk_writes_go_at_the_suspend() {
-    let (disk, net) = gates();
-    let mut h = chain(
-        Inner,
-        no_request(),
-        Some(disk.clone()),
-        Some(net.clone()),
-        true,
-    );
+    let (mut h, disk, net) = both_gates(true);
     let data: Arc<[u8]> = Arc::from(vec![1u8; 512]);
     // epoch 1: a disk write and a frame
     assert_eq!(disk.hold_logged(51712, 0, LoggedOp::Write(data)), Some(1));
@@ -80,14 +86,7 @@ fn frames_wait_for_the_ack_even_when_disk_writes_go_at_the_suspend() {
 
 #[test]
 fn without_suspend_both_gates_wait_for_the_ack() {
-    let (disk, net) = gates();
-    let mut h = chain(
-        Inner,
-        no_request(),
-        Some(disk.clone()),
-        Some(net.clone()),
-        false,
-    );
+    let (mut h, disk, net) = both_gates(false);
     assert_eq!(disk.hold(), Some(1));
     assert_eq!(net.hold(), Some(1));
     checkpoint(&mut *h, 1, || {
@@ -130,7 +129,7 @@ fn the_gates_share_one_commit_log_line_by_line() {
         "1.1 release dev=0 op=tx gate=net\n2.0 ack seq=1 gate=net\n1.0 ack seq=1 gate=disk\n"
     );
     // through real gates: the NIC's lines say which gate
-    let (disk, net) = gates();
+    let (mut h, disk, net) = both_gates(true);
     let path = path.with_extension("gates");
     let file = Arc::new(Mutex::new(std::io::BufWriter::new(
         std::fs::File::create(&path).unwrap(),
@@ -138,13 +137,6 @@ fn the_gates_share_one_commit_log_line_by_line() {
     for (g, tag) in [(&disk, "disk"), (&net, "net")] {
         g.set_commit_log(Box::new(SharedLog::new(file.clone(), tag)));
     }
-    let mut h = chain(
-        Inner,
-        no_request(),
-        Some(disk.clone()),
-        Some(net.clone()),
-        true,
-    );
     checkpoint(&mut *h, 1, || {});
     net.flush_commit_log();
     let text = std::fs::read_to_string(&path).unwrap();
@@ -290,6 +282,25 @@ fn the_wrappers_act_in_their_order() {
     );
 }
 
+/// What [`the_wrappers_act_in_their_order`] shows for `extra(seq)`, the gates' released
+/// checkpoints as given.
+fn paused_steps(seq: u64, disk: u64, net: u64) -> Vec<String> {
+    vec![
+        format!("inner extra {seq} disk={disk} net={net}"),
+        format!("disk ship seq={seq}"),
+        format!("net ship seq={seq}"),
+    ]
+}
+
+/// What [`the_wrappers_act_in_their_order`] shows for `acked(seq)`.
+fn ack_steps(seq: u64) -> Vec<String> {
+    vec![
+        format!("net ack seq={seq}"),
+        format!("disk ack seq={seq}"),
+        format!("inner acked {seq} disk={seq} net={seq}"),
+    ]
+}
+
 /// Without --suspend nothing is released before the ACK, in the same order otherwise.
 #[test]
 fn without_suspend_only_the_ack_releases() {
@@ -297,23 +308,9 @@ fn without_suspend_only_the_ack_releases() {
     let _ = h.release(1, Reasons::IO);
     assert_eq!(take(&trace), ["inner release 1 disk=0 net=0"]);
     h.extra(1).unwrap();
-    assert_eq!(
-        take(&trace),
-        [
-            "inner extra 1 disk=0 net=0",
-            "disk ship seq=1",
-            "net ship seq=1"
-        ]
-    );
+    assert_eq!(take(&trace), paused_steps(1, 0, 0));
     let _ = h.acked(&info(1));
-    assert_eq!(
-        take(&trace),
-        [
-            "net ack seq=1",
-            "disk ack seq=1",
-            "inner acked 1 disk=1 net=1"
-        ]
-    );
+    assert_eq!(take(&trace), ack_steps(1));
 }
 
 /// A held stop (SIGUSR1) is innermost: it keeps the guest paused without asking the
@@ -333,27 +330,13 @@ fn a_held_stop_still_goes_through_the_gates() {
         "the caller's hook is not asked"
     );
     h.extra(2).unwrap();
-    assert_eq!(
-        take(&trace),
-        [
-            "inner extra 2 disk=2 net=1",
-            "disk ship seq=2",
-            "net ship seq=2"
-        ]
-    );
+    assert_eq!(take(&trace), paused_steps(2, 2, 1));
     let paused = AckInfo {
         paused: true,
         ..info(2)
     };
     assert_eq!(h.acked(&paused), AfterAck::StopPaused);
-    assert_eq!(
-        take(&trace),
-        [
-            "net ack seq=2",
-            "disk ack seq=2",
-            "inner acked 2 disk=2 net=2"
-        ]
-    );
+    assert_eq!(take(&trace), ack_steps(2));
 }
 
 /// A checkpoint that was not held (the request came after its release decision) does not

@@ -119,25 +119,24 @@ fn served(name: &'static str, gate: Arc<OutputGate>, panic_at_stop: bool) -> Ser
     s
 }
 
-fn outputs(disk: Served, vif: Served, usr1: &Arc<AtomicBool>) -> Outputs {
-    Outputs {
-        disk: Some(disk),
-        vif: Some(vif),
+/// Domain 7's disk and NIC served until stopped (the NIC's thread panics then if
+/// `vif_panics`), their gates and the held-stop flag.
+fn outputs(vif_panics: bool) -> (Outputs, Arc<OutputGate>, Arc<OutputGate>, Arc<AtomicBool>) {
+    let (disk, net) = (gate(), gate());
+    let usr1 = Arc::new(AtomicBool::new(false));
+    let o = Outputs {
+        disk: Some(served("blkback", disk.clone(), false)),
+        vif: Some(served("netback", net.clone(), vif_panics)),
         domid: 7,
         started: Instant::now(),
         usr1: usr1.clone(),
-    }
+    };
+    (o, disk, net, usr1)
 }
 
 #[test]
 fn unprotected_the_devices_are_served_until_a_stop_and_report_in_order() {
-    let (disk, net) = (gate(), gate());
-    let usr1 = Arc::new(AtomicBool::new(false));
-    let o = outputs(
-        served("blkback", disk.clone(), false),
-        served("netback", net.clone(), true),
-        &usr1,
-    );
+    let (o, disk, net, usr1) = outputs(true);
     assert!(Arc::ptr_eq(o.disk_gate().unwrap(), &disk));
     assert!(Arc::ptr_eq(o.net_gate().unwrap(), &net));
     let triggers = Triggers::new(Duration::from_millis(10));
@@ -176,13 +175,7 @@ fn unprotected_the_devices_are_served_until_a_stop_and_report_in_order() {
 
 #[test]
 fn held_the_devices_stop_at_once_with_their_output_still_held() {
-    let (disk, net) = (gate(), gate());
-    let usr1 = Arc::new(AtomicBool::new(false));
-    let o = outputs(
-        served("blkback", disk.clone(), false),
-        served("netback", net.clone(), false),
-        &usr1,
-    );
+    let (o, disk, net, _) = outputs(false);
     // neither stopped nor asked to: only `held` makes this return
     let triggers = Triggers::new(Duration::from_millis(10));
     let ended: Vec<_> = o
