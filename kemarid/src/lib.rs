@@ -12,6 +12,7 @@ pub mod domconfig;
 pub mod failover;
 pub mod manpage;
 pub mod qmp;
+pub mod session;
 pub mod streaminfo;
 pub mod sync;
 pub mod xlsave;

@@ -19,10 +19,10 @@ use anyhow::Context;
 use clap::Args;
 use hypervisor::Hypervisor;
 use kemarid::debug;
+use kemarid::session::outputs::{create_vif, describe_vif, vdev_to_devid, VifSpec};
 use nix::sys::signal::{SigSet, Signal};
 use xenbus_backend::netback::parse_mac;
-use xenbus_backend::tap::Tap;
-use xenbus_backend::{Vbd, VbdConfig, VbdStatus, Vif, VifConfig, VifStatus};
+use xenbus_backend::{Vbd, VbdConfig, VbdStatus, VifStatus};
 
 /// Arguments of `kemari attach`.
 #[derive(Args, Debug)]
@@ -55,28 +55,6 @@ pub struct AttachArgs {
 }
 
 /// `--vif` settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct VifSpec {
-    pub(crate) mac: Option<[u8; 6]>,
-    pub(crate) bridge: Option<String>,
-    pub(crate) devid: u32,
-    pub(crate) ifname: Option<String>,
-    /// Offer scatter-gather and TCPv4 GSO (the tap segments).
-    pub(crate) gso: bool,
-}
-
-impl Default for VifSpec {
-    fn default() -> Self {
-        VifSpec {
-            mac: None,
-            bridge: None,
-            devid: 0,
-            ifname: None,
-            gso: true,
-        }
-    }
-}
-
 pub(crate) fn parse_vif_spec(spec: &str) -> anyhow::Result<VifSpec> {
     let mut v = VifSpec::default();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -112,17 +90,6 @@ pub(crate) fn parse_vif_spec(spec: &str) -> anyhow::Result<VifSpec> {
     Ok(v)
 }
 
-/// `xvdX` -> `virtual-device` (major 202, 16 minors per disk).
-fn vdev_to_devid(vdev: &str) -> anyhow::Result<u32> {
-    let letter = vdev
-        .strip_prefix("xvd")
-        .filter(|s| s.len() == 1)
-        .and_then(|s| s.bytes().next())
-        .filter(|b| (b'a'..=b'p').contains(b))
-        .with_context(|| format!("--vdev {vdev:?}: expected xvda..xvdp"))?;
-    Ok((202 << 8) | (u32::from(letter - b'a') << 4))
-}
-
 /// Blocks SIGINT/SIGTERM in this thread (inherited by threads spawned later) and returns a flag a
 /// waiter thread sets when one arrives.
 fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
@@ -142,43 +109,6 @@ fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
         })
         .context("starting the signal thread")?;
     Ok(stop)
-}
-
-/// Creates the vif (tap first, up and bridged, then the xenstore nodes).
-pub(crate) fn create_vif<'h>(
-    hv: &'h dyn Hypervisor,
-    domid: hypervisor::DomId,
-    spec: &VifSpec,
-) -> anyhow::Result<Vif<'h>> {
-    let mut config = VifConfig::new(domid, spec.devid);
-    if let Some(mac) = spec.mac {
-        config.mac = mac;
-    }
-    let ifname = spec.ifname.clone().unwrap_or_else(|| config.tap_name());
-    let tap = Tap::create(&ifname, spec.gso).context("creating the tap")?;
-    tap.link_up(spec.bridge.as_deref())
-        .context("bringing the tap up")?;
-    let xs = hv.open_xenstore().context("opening xenstore")?;
-    let evtchn = hv.open_event_channels().context("opening event channels")?;
-    Vif::create(hv, xs, evtchn, &config, tap)
-        .with_context(|| format!("creating vif {} for domain {domid}", spec.devid))
-}
-
-/// `vif DEVID (mac MAC) on tap TAP[ in bridge BRIDGE][, GSO] at BACKEND`: how `kemari attach`
-/// and `kemari replicate` name a vif they serve (`with_gso`: say ", GSO" when the tap offers it).
-pub(crate) fn describe_vif(vif: &Vif<'_>, spec: &VifSpec, with_gso: bool) -> String {
-    format!(
-        "vif {} (mac {}) on tap {}{}{} at {}",
-        vif.config().devid,
-        vif.config().mac_string(),
-        vif.tap_name(),
-        spec.bridge
-            .as_deref()
-            .map(|b| format!(" in bridge {b}"))
-            .unwrap_or_default(),
-        if with_gso && spec.gso { ", GSO" } else { "" },
-        vif.paths().backend
-    )
 }
 
 /// Runs `kemari attach`.
@@ -379,16 +309,6 @@ fn report_disk(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn vdev_names() {
-        assert_eq!(vdev_to_devid("xvda").ok(), Some(51712));
-        assert_eq!(vdev_to_devid("xvdb").ok(), Some(51728));
-        assert_eq!(vdev_to_devid("xvdp").ok(), Some(51712 + 15 * 16));
-        for bad in ["xvdq", "sda", "xvd", "xvdaa", ""] {
-            assert!(vdev_to_devid(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn vif_settings() {

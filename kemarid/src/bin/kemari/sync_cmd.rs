@@ -397,7 +397,7 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
             fence.0.clone(),
         )?),
     };
-    let disk = crate::commit_cmd::Outputs::start(domid, &a.commit, &triggers, &usr1)?;
+    let disk = crate::commit_cmd::start_outputs(domid, &a.commit, &triggers, &usr1)?;
     if let Some(sig) = daemon_signal {
         let t = triggers.clone();
         sig.on_signal(move || t.fire(kemarid::sync::trigger::Reasons::REQUEST))?;
@@ -410,9 +410,9 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
         );
     }
     crate::commit_cmd::hold_on_usr1(usr1.clone(), triggers.clone())?;
-    let end_disk = |disk: Option<crate::commit_cmd::Outputs>| {
+    let end_disk = |disk: Option<kemarid::session::outputs::Outputs>| {
         if let Some(d) = disk {
-            if let Err(e) = d.finish(false, &triggers, json) {
+            if let Err(e) = crate::commit_cmd::finish(d, false, &triggers, json) {
                 eprintln!("kemari replicate: disk: {e:#}");
             }
         }
@@ -529,7 +529,7 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
             timeout: Duration::from_secs(a.suspend_timeout_s),
         });
     }
-    let mut hook = crate::commit_cmd::hook(
+    let mut hook = kemarid::session::hook::hook(
         CountHook {
             limit: a.checkpoints,
             hold: a.hold,
@@ -603,7 +603,7 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
     }
     drop(hook);
     if let Some(d) = disk {
-        d.finish(out.held_paused, &triggers, json)?;
+        crate::commit_cmd::finish(d, out.held_paused, &triggers, json)?;
     }
     Ok(ExitCode::SUCCESS)
 }
