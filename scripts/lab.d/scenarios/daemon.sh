@@ -11,7 +11,7 @@
 #   - `kemari stop GUEST`: stopped on host1, host2's replica destroyed.
 # Figures: checkpoints/s, pause p50/p99, dirty pages per checkpoint, lag, initial sync seconds.
 # Needs the kemari CLI's daemon verbs (start/status/checkpoint/stop, docs/cli.md). Not in
-# scripts/test's default list (the failover scenario with FO_VIA=xl covers the daemon in CI).
+# the CI list: in the longer one (scripts/test --full; failover-xl, also there, drives kemarid too).
 
 DM_GUEST=${DM_GUEST:-pvh}
 DM_CHECKPOINTS=${DM_CHECKPOINTS:-30}

@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Scenario transparent (experiment, not in the CI list yet): the first step of issue 13's
+# Scenario transparent (experiment; in the longer list, scripts/test --full): the first step of issue 13's
 # mechanism, decided in the lab (docs/failover.md section 9). A PVH guest (1 vCPU, no disk or
 # NIC: its console and xenstore only) is protected with PAUSE checkpoints (never suspended) from
 # host1 to host2 by `kemari replicate --checkpoints N --hold`, which leaves it paused exactly at
