@@ -530,7 +530,10 @@ fn sender_faults_at_every_step_leave_guest_running_and_replica_at_last_ack() {
             .protect(&Triggers::new(Duration::from_millis(1)), &mut rec)
             .unwrap_err();
         assert!(matches!(err, SendError::Xen { .. }), "{method:?}: {err}");
-        assert!(!err.peer_lost(), "{method:?}: a Xen failure is not a lost secondary: {err}");
+        assert!(
+            !err.peer_lost(),
+            "{method:?}: a Xen failure is not a lost secondary: {err}"
+        );
         assert_eq!(
             p.xen.pause_count(p.dom),
             Some(0),
