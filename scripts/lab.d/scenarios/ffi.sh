@@ -17,7 +17,7 @@ lab_create_guest host1 hvm ffi-hvm
 
 lab_step "guests alive"
 lab_wait_console host1 ffi-pvh 'kemari-guest alive 1' 120
-lab_wait_console host1 ffi-hvm 'kemari-guest alive 1' 240
+lab_wait_console host1 ffi-hvm 'kemari-guest alive 1' 480
 
 lab_step "kemari debug domains lists both guests"
 out=$(lab_run host1 'kemari debug domains')
