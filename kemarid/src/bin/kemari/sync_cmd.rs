@@ -435,13 +435,15 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
             Some(PeerState::Dead(c)) => (format!("heartbeat: {c:?}"), true),
             _ => (format!("stream: {e}"), false),
         };
+        // The guest keeps running here: no fencing; a secondary that still answers is told
+        // goodbye, or it would resume a second copy once this process is gone.
+        fence.disarm();
+        if let Some(hb) = hb {
+            hb.stop(!dead);
+        }
         if !dead && !e.peer_lost() {
-            // a failure here, not of the secondary: it is told goodbye (no failover to a
-            // second copy), and the operator is told what happened to the guest
-            fence.disarm();
-            if let Some(hb) = hb {
-                hb.stop(true);
-            }
+            // a failure here, not of the secondary: the operator is told what happened to
+            // the guest
             let guest = match hv.domain_info(domid) {
                 Ok(i) if i.shutdown.is_none() => "keeps running UNPROTECTED".to_string(),
                 Ok(i) => format!("has shut down ({:?})", i.shutdown),
@@ -456,12 +458,6 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
                 "kemari replicate: PROTECTION FAILED on this host {what} ({e}): guest {domid} {guest}; the secondary was told not to fail over"
             );
             return;
-        }
-        // The guest keeps running here: no fencing; a secondary that still answers is told
-        // goodbye, or it would resume a second copy once this process is gone.
-        fence.disarm();
-        if let Some(hb) = hb {
-            hb.stop(!dead);
         }
         log::error!("secondary lost {what}: {cause}");
         if dead {
