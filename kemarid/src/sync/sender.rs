@@ -204,6 +204,11 @@ pub struct SenderOptions {
     pub initial_ack_timeout: Duration,
     /// Limits of the stream codec.
     pub limits: Limits,
+    /// The guest runs at least this long between the end of one checkpoint and the start of
+    /// the next, whatever triggers are pending (they are kept and coalesced). Zero: none. A
+    /// guest whose output is always held (many writers, an inbound stream) is otherwise
+    /// starved by back-to-back checkpoints (docs/sync.md).
+    pub min_run: Duration,
 }
 
 impl Default for SenderOptions {
@@ -214,6 +219,7 @@ impl Default for SenderOptions {
             ack_timeout: Duration::from_secs(30),
             initial_ack_timeout: Duration::from_secs(600),
             limits: Limits::default(),
+            min_run: Duration::ZERO,
         }
     }
 }
@@ -1013,8 +1019,9 @@ impl<'a> Sender<'a> {
         hook: &mut dyn CheckpointHook,
     ) -> Result<ProtectOutcome, SendError> {
         let mut last_seq = self.next_seq.saturating_sub(1);
+        let mut not_before = Instant::now() + self.opts.min_run;
         loop {
-            match triggers.wait(self.last_epoch) {
+            match triggers.wait_after(self.last_epoch, not_before) {
                 Wakeup::Stop => {
                     self.stop_log_dirty();
                     return Ok(ProtectOutcome {
@@ -1032,6 +1039,7 @@ impl<'a> Sender<'a> {
                         }
                         Ok((action, held_paused)) => {
                             last_seq = self.next_seq - 1;
+                            not_before = Instant::now() + self.opts.min_run;
                             if action != AfterAck::Continue {
                                 self.stop_log_dirty();
                                 return Ok(ProtectOutcome {

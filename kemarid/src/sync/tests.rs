@@ -240,6 +240,7 @@ fn opts() -> SenderOptions {
         ack_timeout: Duration::from_secs(20),
         initial_ack_timeout: Duration::from_secs(20),
         limits: Limits::default(),
+        min_run: Duration::ZERO,
     }
 }
 
@@ -452,6 +453,61 @@ fn replica_equals_primary_at_every_ack() {
     // After the live rounds, nothing was copied from the running guest.
     assert_eq!(p.xen.unpaused_snapshots(p.dom), Some(live_snapshots));
     let _ = std::fs::remove_dir_all(&sec.spool);
+}
+
+/// With a minimum run time, a guest whose triggers are always pending (every ACK fires the
+/// next one, as output that is always held does) still runs that long between checkpoints,
+/// measured from outside the sender: the times at which the hook saw each ACK.
+#[test]
+fn minimum_run_time_spaces_back_to_back_checkpoints() {
+    struct Always {
+        t: Triggers,
+        at: Vec<std::time::Instant>,
+    }
+    impl CheckpointHook for Always {
+        fn acked(&mut self, info: &AckInfo) -> AfterAck {
+            self.at.push(std::time::Instant::now());
+            if info.seq >= 5 {
+                AfterAck::Stop
+            } else {
+                self.t.fire(Reasons::IO);
+                AfterAck::Continue
+            }
+        }
+    }
+    let run = |min_run: Duration| {
+        let p = primary(true, 1);
+        let sec = secondary("minrun", Limits::default());
+        let stream = TcpStream::connect(sec.addr).unwrap();
+        let o = SenderOptions { min_run, ..opts() };
+        let mut tx = Sender::new(&p.xen, p.dom, stream, o, None).unwrap();
+        tx.initial_sync(&config(true), &mut |_| {}).unwrap();
+        let t = Triggers::new(Duration::from_secs(3600));
+        t.fire(Reasons::IO);
+        let mut hook = Always {
+            t: t.clone(),
+            at: Vec::new(),
+        };
+        let out = tx.protect(&t, &mut hook).unwrap();
+        assert_eq!(out.last_seq, 5);
+        drop(tx);
+        assert_eq!(sec.handle.join().unwrap().unwrap().acked, Some(5));
+        let _ = std::fs::remove_dir_all(&sec.spool);
+        hook.at
+    };
+    let spaced = run(Duration::from_millis(60));
+    assert_eq!(spaced.len(), 5);
+    for w in spaced.windows(2) {
+        let gap = w[1] - w[0];
+        assert!(
+            gap >= Duration::from_millis(60),
+            "checkpoints {gap:?} apart"
+        );
+    }
+    // Without it, the same triggers follow each other at once (the interval is an hour, so
+    // only the pending trigger can have started each checkpoint).
+    let back_to_back = run(Duration::ZERO);
+    assert_eq!(back_to_back.len(), 5);
 }
 
 /// Triggers fired while a checkpoint is in progress become exactly one more checkpoint.

@@ -146,12 +146,28 @@ impl Triggers {
     /// [`Reasons::INTERVAL`] when `since + max_epoch` passes (`since`: when the previous
     /// checkpoint was taken). A stop request wins over pending triggers.
     pub fn wait(&self, since: Instant) -> Wakeup {
+        self.wait_after(since, since)
+    }
+
+    /// As [`wait`](Self::wait), but no checkpoint is returned before `not_before` (pending
+    /// triggers are kept and returned then; a stop request is returned at once). The sender
+    /// passes the end of the previous checkpoint plus its minimum run time, so that a guest
+    /// whose output is always held still runs between checkpoints.
+    pub fn wait_after(&self, since: Instant, not_before: Instant) -> Wakeup {
         let (lock, cond) = &*self.inner;
-        let deadline = since + self.max_epoch;
+        let deadline = (since + self.max_epoch).max(not_before);
         let mut st = lock.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
             if st.stop {
                 return Wakeup::Stop;
+            }
+            let now = Instant::now();
+            if now < not_before {
+                st = cond
+                    .wait_timeout(st, not_before - now)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+                continue;
             }
             if !st.pending.is_empty() {
                 let reasons = st.pending;
@@ -191,6 +207,49 @@ mod tests {
                 assert!(!reasons.contains(Reasons::INTERVAL));
                 assert_eq!(coalesced, 2);
                 assert_eq!(reasons.describe(), "io+request");
+            }
+            Wakeup::Stop => panic!("not stopped"),
+        }
+    }
+
+    #[test]
+    fn pending_triggers_wait_for_the_minimum_run_time() {
+        let t = Triggers::new(Duration::from_secs(3600));
+        t.fire(Reasons::IO);
+        let start = Instant::now();
+        let not_before = start + Duration::from_millis(80);
+        match t.wait_after(start, not_before) {
+            Wakeup::Checkpoint { reasons, .. } => {
+                assert_eq!(reasons, Reasons::IO);
+                assert!(
+                    Instant::now() >= not_before,
+                    "returned before the minimum run time"
+                );
+            }
+            Wakeup::Stop => panic!("not stopped"),
+        }
+    }
+
+    #[test]
+    fn stop_is_not_delayed_by_the_minimum_run_time() {
+        let t = Triggers::new(Duration::from_secs(3600));
+        t.fire(Reasons::IO);
+        t.stop();
+        let start = Instant::now();
+        let r = t.wait_after(start, start + Duration::from_secs(3600));
+        assert_eq!(r, Wakeup::Stop);
+    }
+
+    #[test]
+    fn minimum_run_time_in_the_past_changes_nothing() {
+        let t = Triggers::new(Duration::from_secs(3600));
+        t.fire(Reasons::REQUEST);
+        let earlier = Instant::now();
+        let start = Instant::now();
+        match t.wait_after(start, earlier) {
+            Wakeup::Checkpoint { reasons, coalesced } => {
+                assert_eq!(reasons, Reasons::REQUEST);
+                assert_eq!(coalesced, 0);
             }
             Wakeup::Stop => panic!("not stopped"),
         }

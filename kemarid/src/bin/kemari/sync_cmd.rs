@@ -61,6 +61,11 @@ pub struct ReplicateArgs {
     /// Maximum epoch interval: a checkpoint at least this often (ms).
     #[arg(long, default_value_t = 100)]
     pub interval_ms: u64,
+    /// Minimum run time: the guest runs at least this long between two checkpoints, however
+    /// many I/O triggers are pending (they coalesce into the next one). 0: none. Bounds the
+    /// checkpoint rate of a guest whose output is always held (docs/sync.md).
+    #[arg(long, default_value_t = 0)]
+    pub min_run_ms: u64,
     /// Leave the guest paused right after the last checkpoint's ACK (needs --checkpoints).
     #[arg(long, requires = "checkpoints")]
     pub hold: bool,
@@ -354,6 +359,7 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
     let opts = SenderOptions {
         max_live_rounds: a.max_live_rounds,
         ack_timeout: Duration::from_secs(a.ack_timeout_s),
+        min_run: Duration::from_millis(a.min_run_ms),
         ..SenderOptions::default()
     };
     // Ctrl-C / SIGTERM end protection cleanly (guest running, log-dirty off, device model
