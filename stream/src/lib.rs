@@ -21,6 +21,7 @@
 pub mod checkpoint;
 pub mod disklog;
 pub mod frame;
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod image;
 pub mod libxc;
