@@ -14,6 +14,10 @@
 #     sequence number >= its epoch (the checkpoint that captured the guest state that made it),
 #     at least 1,000 of them; and every frame the guest sent was released after an ACK with a
 #     sequence number >= its epoch (figures packets, packets_released_before_ack);
+#   - from outside both kemari processes, while the writer runs: dom0 samples the records on
+#     host1's image and then on host2's copy, about once a second; every record on host1's
+#     image must already be on host2's copy (figures outside_samples,
+#     outside_released_before_ack = 0; at least 3 samples while the writer runs);
 #   - after a held stop (SIGUSR1: the next checkpoint keeps the guest paused after its ACK) the
 #     secondary's disk image equals the primary's (sha1), and its records check out;
 #   - the same workload on an unprotected guest (`kemari attach`) in the same run, for the ratio.
@@ -87,8 +91,41 @@ if [ "$COMMIT_NET" = 1 ]; then
   tn=$(lab_now)
   lab_run host1 "rm -f /tmp/commit-net.*; setsid sh -c 'head -c $((COMMIT_NET_KIB * 1024)) /dev/zero | nc -w 120 $COMMIT_GUEST_IP 7001 >/tmp/commit-net.sink 2>&1; (i=0; while [ \$i -lt $COMMIT_NET_LINES ]; do echo commit-line-\$i; i=\$((i + 1)); sleep 0.05; done) | nc -w 60 $COMMIT_GUEST_IP 7000 >/tmp/commit-net.echo 2>&1; echo done >/tmp/commit-net.done' </dev/null >/dev/null 2>&1 &"
 fi
-lab_wait_console host1 commit-pvh 'kemari-disk done' 900 || { commit_logs; lab_fail "the guest's disk writer did not finish under protection"; }
+# The output rule checked from outside both kemari processes, while the writer runs: a write
+# reaches the primary's image only after the ACK of its checkpoint, and the secondary applied
+# that checkpoint's writes to its copy before ACKing it, so every record dom0 finds in host1's
+# image must already be in host2's copy, read just after. Each sample reads host1's image first,
+# then host2's copy (no clocks compared); a record on host1 missing on host2 is a write released
+# before the secondary had it (figure outside_released_before_ack).
+commit_records() { # HOST IMAGE: the numbers of the records found in the image's record sectors
+  lab_run "$1" "dd if=$2 bs=512 count=$COMMIT_RECORDS 2>/dev/null | tr -d '\\000' | grep -ao 'kemari-rec [0-9]* [0-9a-f]\\{40\\}' | cut -d' ' -f2 | sort -n | tr '\\n' ' '" 60
+}
+console=$(lab_guest_console_file host1 commit-pvh)
+samples=0 midway=0 early=0 early_first=
+until grep -q 'kemari-disk done' "$console" 2>/dev/null; do
+  if awk -v a="$(lab_since "$t1")" 'BEGIN { exit !(a > 900) }'; then
+    commit_logs; lab_fail "the guest's disk writer did not finish under protection"
+  fi
+  lab_host_alive host1 || lab_fail "host1 died during the protected workload"
+  onp=$(commit_records host1 "$IMG") || onp=
+  ons=$(commit_records host2 "$COPY") || ons=
+  res=$(python3 -c 'import sys; p=set(sys.argv[1].split()); s=set(sys.argv[2].split()); m=sorted(p-s, key=int); print(len(p), len(m), ",".join(m[:8]))' "$onp" "$ons")
+  # shellcheck disable=SC2086 # split on purpose: count, missing, first missing
+  set -- $res
+  samples=$((samples + 1))
+  [ "$1" -gt 0 ] && [ "$1" -lt "$COMMIT_RECORDS" ] && midway=$((midway + 1))
+  if [ "$2" -gt 0 ]; then
+    early=$((early + $2))
+    [ -n "$early_first" ] || early_first="sample $samples: records ${3:-} on host1's image, not on host2's copy"
+  fi
+  sleep 1
+done
 lab_figure protected_workload_s "$(lab_since "$t1")"
+echo "outside check: $samples samples ($midway during the writer), $early records on host1 before host2 had them ${early_first:+($early_first)}"
+lab_figure outside_samples "$samples"
+lab_figure outside_released_before_ack "$early"
+[ "$early" = 0 ] || { commit_logs; lab_fail "$early records reached host1's image before host2's copy: $early_first"; }
+[ "$midway" -ge 3 ] || lab_fail "only $midway samples of the images while the writer ran (need >= 3): the outside check saw too little"
 pline=$(grep -oE 'kemari-disk done.*' "$(lab_guest_console_file host1 commit-pvh)" | tail -1 | tr -d '\r')
 echo "commit-pvh: $pline"
 case "$pline" in *"failed=0"*) ;; *) lab_fail "writes failed in the protected guest: $pline" ;; esac
