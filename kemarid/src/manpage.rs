@@ -7,20 +7,29 @@
 //! checked in under `man/` (regenerate them with `scripts/gen-man`); `kemarid/tests/manpages.rs`
 //! fails when they differ from what the binaries generate and checks that groff renders them
 //! without warnings; `scripts/install` installs them.
+//!
+//! The generator is a build-time tool: it is compiled only with the crate feature `manpages`
+//! (scripts/gen-man and the crate's tests turn it on). A binary built without it refuses
+//! [`ENV_DIR`] with an error that says so.
 
+#[cfg(feature = "manpages")]
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+#[cfg(feature = "manpages")]
+use std::path::Path;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Environment variable that makes a binary write its manual pages into the folder it names.
 pub const ENV_DIR: &str = "KEMARI_MANPAGE_DIR";
 
 /// Name of the manual every page belongs to (the `.TH` header's fifth field).
+#[cfg(feature = "manpages")]
 const MANUAL: &str = "Kemari for Xen";
 
 /// The `.TH` date field: roff's zero-width character. An empty field would be dropped from the
 /// unquoted header line and shift the source and manual fields left; a real date would make the
 /// pages differ on every regeneration.
+#[cfg(feature = "manpages")]
 const NO_DATE: &str = "\\&";
 
 /// What went wrong while writing manual pages.
@@ -42,6 +51,12 @@ pub enum ManpageError {
         /// The cause.
         source: std::io::Error,
     },
+    /// This binary was built without the generator.
+    #[error("{var} is set, but this binary was built without manual page generation (build with `--features manpages`, as scripts/gen-man does)")]
+    NotBuiltIn {
+        /// The environment variable.
+        var: &'static str,
+    },
     /// The output folder is not usable.
     #[error("manual page folder {path} is not a folder (create it first)")]
     NotAFolder {
@@ -50,6 +65,7 @@ pub enum ManpageError {
     },
 }
 
+#[cfg(feature = "manpages")]
 /// One rendered page: its file name (e.g. `kemari-start.1`) and its roff text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page {
@@ -59,6 +75,7 @@ pub struct Page {
     pub roff: Vec<u8>,
 }
 
+#[cfg(feature = "manpages")]
 /// Renders the page of `cmd` in `section` and one page per visible subcommand at every depth
 /// (`kemari-debug-pause.1`, as git does), in a stable order: the command's own page first,
 /// then its subcommands depth-first in definition order. No date in the header, so the output
@@ -72,6 +89,7 @@ pub fn render(cmd: clap::Command, section: &str) -> Result<Vec<Page>, ManpageErr
     Ok(pages)
 }
 
+#[cfg(feature = "manpages")]
 fn render_tree(
     cmd: clap::Command,
     section: &str,
@@ -102,6 +120,7 @@ fn render_tree(
     Ok(())
 }
 
+#[cfg(feature = "manpages")]
 /// Writes the pages of [`render`] into `dir` (which must exist), replacing files of the same
 /// name, and returns their paths.
 pub fn write_to(
@@ -131,9 +150,21 @@ pub fn write_to(
 /// (the binary runs normally) when the variable is unset.
 pub fn write_if_requested(cmd: clap::Command, section: &str) -> Option<ExitCode> {
     let dir = std::env::var_os(ENV_DIR)?;
-    Some(write_and_report(cmd, section, &dir))
+    #[cfg(feature = "manpages")]
+    return Some(write_and_report(cmd, section, &dir));
+    #[cfg(not(feature = "manpages"))]
+    {
+        let _ = (section, dir);
+        eprintln!(
+            "{}: {}",
+            cmd.get_name(),
+            ManpageError::NotBuiltIn { var: ENV_DIR }
+        );
+        Some(ExitCode::FAILURE)
+    }
 }
 
+#[cfg(feature = "manpages")]
 fn write_and_report(cmd: clap::Command, section: &str, dir: &OsStr) -> ExitCode {
     let name = cmd.get_name().to_owned();
     match write_to(cmd, section, Path::new(dir)) {
@@ -150,7 +181,7 @@ fn write_and_report(cmd: clap::Command, section: &str, dir: &OsStr) -> ExitCode 
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "manpages"))]
 mod tests {
     use super::*;
 
