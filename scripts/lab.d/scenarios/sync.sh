@@ -6,9 +6,10 @@
 # primary PAUSED right after the ACK of the last checkpoint. Then, on both sides:
 #   - `kemari debug mem-hash --per-page`: every populated page must be equal, except the
 #     xenstore/console ring pages (cleared by Xen's restore, written by dom0 daemons without
-#     log-dirty) and pages whose differing bytes all lie in one 64-byte block: Xen's event
-#     delivery to the held-paused vCPU after the last capture (vcpu_info, FIFO event word and
-#     control block); all are dumped, diffed and counted (see docs/sync.md);
+#     log-dirty) and the pages Xen's event delivery to the held-paused vCPU writes after the
+#     last capture, named by the shape of their differences (vcpu_info; FIFO event words and
+#     control block) and at most 1 + 2 per vCPU (`xl vcpu-list`); all are dumped, diffed and
+#     counted (see docs/sync.md);
 #   - the HVM_SAVE_CPU records of the primary's current HVM context and of the replica's staged
 #     context must be equal (the `tsc` field excluded: Xen computes it at save time from the
 #     running TSC, so two saves of the same paused vCPU differ there).
@@ -133,14 +134,22 @@ PY
     lab_run host2 "kemari debug page-dump $replica $pfn" >"$LAB_RUN/sync-page-$t-$pfn-replica.txt"
     diff "$LAB_RUN/sync-page-$t-$pfn-primary.txt" "$LAB_RUN/sync-page-$t-$pfn-replica.txt" >&2 || true
   done
-  # Any other differing page must have all its differing bytes inside one 64-byte block shaped
-  # like Xen's vcpu_info (upcall_pending, pending_sel, time info): Xen writes vcpu_info through
-  # its own mapping (map_vcpu_info) without logging it, also while the primary is held paused
-  # after the last capture (event delivery). Such pages are counted (figure *_vcpu_info_differ);
-  # any other difference fails.
-  python3 - "$LAB_RUN" "$t" "$rings $xmapped" "$@" >"$LAB_RUN/sync-classify-$t.txt" <<'PY' ||
+  # Any other differing page must be one Xen writes through its own mapping without logging it,
+  # also while the primary is held paused after the last capture (event delivery), named by the
+  # shape of its differences, and no more of them than the guest's vCPUs explain (vCPUs counted
+  # by `xl vcpu-list`, not by kemari):
+  #   - vcpu_info (one per vCPU, VCPUOP_register_vcpu_info): every differing byte in one
+  #     64-byte-aligned block, at evtchn_upcall_pending (+0), evtchn_pending_sel (+8..15) or the
+  #     vcpu_time_info (+32..63);
+  #   - FIFO event-channel words (the event array words and each vCPU's control block, at most
+  #     2 pages per vCPU): every differing byte in at most 4 aligned 32-bit words, each changed
+  #     only in the flag bits (PENDING, MASKED, LINKED, BUSY: 28-31) or the LINK / READY field
+  #     (0-16).
+  # Counted by name (figures *_vcpu_info_differ, *_event_words_differ); anything else fails.
+  vcpus=$(lab_run host1 "xl vcpu-list $name | tail -n +2 | wc -l" | tr -d '[:space:]')
+  python3 - "$LAB_RUN" "$t" "$rings $xmapped" "$vcpus" "$@" >"$LAB_RUN/sync-classify-$t.txt" <<'PY' ||
 import sys
-run, t, known = sys.argv[1], sys.argv[2], {int(x) for x in sys.argv[3].split()}
+run, t, known, vcpus = sys.argv[1], sys.argv[2], {int(x) for x in sys.argv[3].split()}, int(sys.argv[4])
 def page(path):
     b = bytearray(4096)
     for line in open(path):
@@ -148,20 +157,45 @@ def page(path):
         for i, h in enumerate(hexes.split()):
             b[int(off, 16) + i] = int(h, 16)
     return b
-vcpu_info, bad = [], []
-for pfn in sys.argv[4:]:
+VCPU_INFO_FIELDS = {0} | set(range(8, 16)) | set(range(32, 64))
+EVENT_WORD_BITS = 0xF001FFFF
+def is_vcpu_info(a, r, offs):
+    blocks = {o // 64 for o in offs}
+    return len(blocks) == 1 and all(o % 64 in VCPU_INFO_FIELDS for o in offs)
+def is_event_words(a, r, offs):
+    words = sorted({o // 4 * 4 for o in offs})
+    if len(words) > 4:
+        return False
+    x = [int.from_bytes(a[w:w + 4], "little") ^ int.from_bytes(r[w:w + 4], "little") for w in words]
+    return all(v & ~EVENT_WORD_BITS == 0 for v in x)
+only_v, only_e, both, bad = [], [], [], []
+for pfn in sys.argv[5:]:
     if int(pfn, 16) in known:
         continue
     a = page(f"{run}/sync-page-{t}-{pfn}-primary.txt"); r = page(f"{run}/sync-page-{t}-{pfn}-replica.txt")
     offs = [i for i in range(4096) if a[i] != r[i]]
-    blocks = {o // 64 for o in offs}
-    (vcpu_info if len(blocks) == 1 else bad).append(f"{pfn}@{[hex(o) for o in offs][:12]}")
-print(len(vcpu_info), " ".join(vcpu_info))
-print(f"{t}: vcpu_info-shaped differences: {vcpu_info}; other differences: {bad}", file=sys.stderr)
-sys.exit(1 if bad else 0)
+    desc = f"{pfn}@{[hex(o) for o in offs][:12]}"
+    v, e = is_vcpu_info(a, r, offs), is_event_words(a, r, offs)
+    (both if v and e else only_v if v else only_e if e else bad).append(desc)
+# pages that fit both shapes count against whichever bound has room
+max_v, max_e = vcpus, 2 * vcpus
+n_v = len(only_v) + max(0, min(len(both), max_v - len(only_v)))
+n_e = len(only_e) + len(both) - (n_v - len(only_v))
+over = []
+if vcpus < 1:
+    over.append(f"xl vcpu-list counted {vcpus} vCPUs")
+if n_v > max_v:
+    over.append(f"{n_v} vcpu_info-shaped pages for {vcpus} vCPUs")
+if n_e > max_e:
+    over.append(f"{n_e} event-word-shaped pages, more than 2 per vCPU ({max_e})")
+print(n_v, n_e)
+print(f"{t}: vcpus={vcpus} vcpu_info: {only_v}; event words: {only_e}; either: {both}; "
+      f"unexplained: {bad}; over the bound: {over}", file=sys.stderr)
+sys.exit(1 if bad or over else 0)
 PY
-    lab_fail "$t: pages of primary and replica differ beyond the Xen-written vcpu_info (see above)"
+    lab_fail "$t: pages of primary and replica differ beyond what Xen's event delivery writes (see above)"
   lab_figure "${t}_vcpu_info_differ" "$(head -1 "$LAB_RUN/sync-classify-$t.txt" | cut -d' ' -f1)"
+  lab_figure "${t}_event_words_differ" "$(head -1 "$LAB_RUN/sync-classify-$t.txt" | cut -d' ' -f2)"
 
   lab_step "sync/$t: CPU context identical (staged on host2, current on host1)"
   c1=$(lab_run host1 "kemari --json debug cpu-context $name")
