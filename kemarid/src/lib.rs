@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod counting;
+pub mod ctl;
 pub mod daemon;
 pub mod debug;
 pub mod domconfig;

@@ -1,8 +1,9 @@
 //! `kemari`: the command-line tool of Kemari for Xen.
 //!
 //! The operator's verbs (`start`, `stop`, `status`, `failover`, `checkpoint`, `events`) talk to
-//! this host's kemarid over its control socket (`kemari/ctl_cmd.rs`, docs/cli.md). The `debug`
-//! commands talk to Xen directly (no daemon needed) and prove the FFI on a real dom0;
+//! this host's kemarid over its control socket (`kemari/ctl_cmd.rs` over [`kemarid::ctl`],
+//! docs/cli.md). The `debug` commands talk to Xen directly (no daemon needed) and prove the FFI
+//! on a real dom0;
 //! `replicate`/`receive` run the sync engine in the foreground (kemarid's workers run them).
 
 use std::io::Write;
