@@ -9,6 +9,7 @@ pub mod counting;
 pub mod ctl;
 pub mod daemon;
 pub mod debug;
+pub mod debug_image;
 pub mod domconfig;
 pub mod failover;
 pub mod manpage;
