@@ -5,6 +5,7 @@
 //! (`scripts/lab test ffi`).
 
 pub mod api;
+pub mod attach;
 pub mod counting;
 pub mod ctl;
 pub mod daemon;
