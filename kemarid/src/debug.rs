@@ -32,6 +32,28 @@ pub enum DebugError {
         /// What was expected and what was seen.
         detail: String,
     },
+    /// `kemari debug read-page`: the pfn is not a number.
+    #[error("pfn {value:?} is not a number (decimal or 0x-prefixed hex)")]
+    Pfn {
+        /// The argument.
+        value: String,
+        /// The parse error.
+        source: std::num::ParseIntError,
+    },
+    /// `kemari debug pause`/`unpause`: Xen refused.
+    #[error("{}pausing domain {domain}", if *.pause { "" } else { "un" })]
+    Pause {
+        /// The domain as given (id or name).
+        domain: String,
+        /// Pause (true) or unpause.
+        pause: bool,
+        /// The failed call.
+        source: HypervisorError,
+    },
+    /// `kemari debug xs-read`/`xs-watch`: a xenstore call failed (the hypervisor error says
+    /// which, and on which path).
+    #[error(transparent)]
+    Xenstore(HypervisorError),
 }
 
 /// Shorthand for wrapping a hypervisor error with the step it happened in.
@@ -509,4 +531,126 @@ pub fn resolve_domain(hv: &dyn Hypervisor, spec: &str) -> Result<DomId, DebugErr
             }
         ),
     })
+}
+
+/// `kemari debug read-page`'s pfn: decimal or 0x-prefixed hex.
+pub fn parse_pfn(s: &str) -> Result<Pfn, DebugError> {
+    let r = match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|source| DebugError::Pfn {
+        value: s.to_string(),
+        source,
+    })
+}
+
+/// `kemari debug pause` (`pause`) or `unpause`: the domain, by id or name; its id.
+pub fn pause_domain(hv: &dyn Hypervisor, domain: &str, pause: bool) -> Result<DomId, DebugError> {
+    let id = resolve_domain(hv, domain)?;
+    let r = if pause { hv.pause(id) } else { hv.unpause(id) };
+    r.map_err(|source| DebugError::Pause {
+        domain: domain.to_string(),
+        pause,
+        source,
+    })?;
+    Ok(id)
+}
+
+/// `kemari debug xs-read`: a xenstore node's value (lossy UTF-8).
+pub fn xs_read(hv: &dyn Hypervisor, path: &str) -> Result<String, DebugError> {
+    let xs = hv.open_xenstore().map_err(DebugError::Xenstore)?;
+    let v = xs.read(Tx::NONE, path).map_err(DebugError::Xenstore)?;
+    Ok(String::from_utf8_lossy(&v).into_owned())
+}
+
+/// `kemari debug xs-watch`: watches `path` for `timeout`, handing each event to `on_event`
+/// (whose error ends the watch, the watch left registered as before).
+pub fn xs_watch<E: From<DebugError>>(
+    hv: &dyn Hypervisor,
+    path: &str,
+    timeout: Duration,
+    mut on_event: impl FnMut(&hypervisor::WatchEvent) -> Result<(), E>,
+) -> Result<(), E> {
+    let xs = hv.open_xenstore().map_err(DebugError::Xenstore)?;
+    let token = format!("kemari-{}", std::process::id());
+    xs.watch(path, &token).map_err(DebugError::Xenstore)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        if let Some(ev) = xs.read_watch(Some(left)).map_err(DebugError::Xenstore)? {
+            on_event(&ev)?;
+        }
+    }
+    xs.unwatch(path, &token).map_err(DebugError::Xenstore)?;
+    Ok(())
+}
+
+/// `kemari debug domains`' table.
+pub fn render_domains(rows: &[DomainRow]) -> String {
+    let mut out = format!(
+        "{:>5}  {:<4}  {:<16}  {:>10}  {:>5}\n",
+        "ID", "TYPE", "STATE", "PAGES", "VCPUS"
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "{:>5}  {:<4}  {:<16}  {:>10}  {:>5}\n",
+            r.domid, r.guest_type, r.state, r.tot_pages, r.vcpus
+        ));
+    }
+    out
+}
+
+/// `kemari debug log-dirty`'s lines, one per round.
+pub fn render_dirty_rounds(rounds: &[DirtyRound]) -> String {
+    rounds
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            format!(
+                "round {}: {} dirty pages in {} ms\n",
+                i + 1,
+                r.dirty_pages,
+                r.interval_ms
+            )
+        })
+        .collect()
+}
+
+/// `kemari debug read-page`'s text: the page's fingerprint and, with `hexdump`, its first 256
+/// bytes, 16 a line.
+pub fn render_page(domid: DomId, pfn: Pfn, page: &[u8], hexdump: bool) -> String {
+    let mut out = format!(
+        "domain {domid} pfn {pfn:#x}: fnv1a64 {:016x}\n",
+        fnv1a64(page)
+    );
+    if hexdump {
+        for (i, chunk) in page[..page.len().min(256)].chunks(16).enumerate() {
+            let hex: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
+            out.push_str(&format!("{:04x}: {}\n", i * 16, hex.join(" ")));
+        }
+    }
+    out
+}
+
+/// `kemari debug selftest`'s text: a line per step, then PASS or FAIL.
+pub fn render_selftest(domid: DomId, report: &SelftestReport) -> String {
+    let mut out = String::new();
+    for s in &report.steps {
+        out.push_str(&format!(
+            "{:<16} {:<4} {:>6} ms  {}\n",
+            s.step,
+            if s.ok { "ok" } else { "FAIL" },
+            s.millis,
+            s.detail
+        ));
+    }
+    out.push_str(&format!(
+        "selftest of domain {domid}: {}\n",
+        if report.ok { "PASS" } else { "FAIL" }
+    ));
+    out
 }

@@ -5,11 +5,15 @@
 //! (`scripts/lab test ffi`).
 
 pub mod api;
+pub mod attach;
 pub mod counting;
+pub mod ctl;
 pub mod daemon;
 pub mod debug;
+pub mod debug_image;
 pub mod domconfig;
 pub mod failover;
+pub mod launch;
 pub mod manpage;
 pub mod qmp;
 pub mod session;

@@ -258,3 +258,167 @@ fn fnv1a64_known_values() {
     assert_eq!(debug::fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
     assert_eq!(debug::fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
 }
+
+#[test]
+fn pause_and_unpause_by_name_and_the_failed_call() {
+    let host = MemXen::new();
+    let a = host
+        .create_domain(DomainConfig::hvm(8).with_name("web"))
+        .unwrap();
+    assert_eq!(debug::pause_domain(&host, "web", true).unwrap(), a);
+    assert_eq!(debug::domains(&host).unwrap()[1].state, "paused");
+    assert_eq!(
+        debug::pause_domain(&host, &a.to_string(), false).unwrap(),
+        a
+    );
+    assert_ne!(debug::domains(&host).unwrap()[1].state, "paused");
+
+    let faults = FaultPlan::new();
+    faults.fail_always_with(Method::Unpause, Errno::EPERM);
+    let (host, domid) = host_with_guest(faults, DomainConfig::hvm(8).with_name("db"));
+    let err = debug::pause_domain(&host, "db", false).unwrap_err();
+    assert!(
+        matches!(&err, DebugError::Pause { domain, pause: false, .. } if domain == "db"),
+        "{err}"
+    );
+    assert_eq!(err.to_string(), "unpausing domain db");
+    let err = debug::pause_domain(&host, &domid.to_string(), true);
+    assert!(err.is_ok(), "pause is not faulted: {err:?}");
+    let err = debug::pause_domain(&host, "nosuch", true).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DebugError::Check {
+                step: "resolve domain",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn parse_pfn_decimal_and_hex() {
+    assert_eq!(debug::parse_pfn("0").unwrap(), 0);
+    assert_eq!(debug::parse_pfn("4096").unwrap(), 4096);
+    assert_eq!(debug::parse_pfn("0x1f").unwrap(), 31);
+    assert_eq!(debug::parse_pfn("0xffffffffffffffff").unwrap(), u64::MAX);
+    for bad in ["", "0x", "1f", "-1", "0x10000000000000000", " 1"] {
+        let err = debug::parse_pfn(bad).unwrap_err();
+        assert!(
+            matches!(&err, DebugError::Pfn { value, .. } if value == bad),
+            "{bad}: {err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!("pfn {bad:?} is not a number (decimal or 0x-prefixed hex)")
+        );
+    }
+}
+
+#[test]
+fn xs_read_and_watch() {
+    let host = MemXen::new();
+    let xs = host.open_xenstore().unwrap();
+    xs.write(Tx::NONE, "/test/k", b"v\xff").unwrap();
+    assert_eq!(debug::xs_read(&host, "/test/k").unwrap(), "v\u{fffd}");
+    let err = debug::xs_read(&host, "/test/none").unwrap_err();
+    assert!(matches!(err, DebugError::Xenstore(_)), "{err}");
+
+    // The watch hands over events until the handler fails; the handler's error comes back.
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        xs.write(Tx::NONE, "/test/k/child", b"x").unwrap();
+    });
+    let mut seen = Vec::new();
+    let r: Result<(), anyhow::Error> =
+        debug::xs_watch(&host, "/test/k", Duration::from_secs(5), |ev| {
+            seen.push(ev.path.clone());
+            if ev.path == "/test/k/child" {
+                Err(anyhow::anyhow!("stop"))
+            } else {
+                Ok(())
+            }
+        });
+    writer.join().unwrap();
+    assert_eq!(r.unwrap_err().to_string(), "stop", "{seen:?}");
+    // Nothing changes: the watch ends at its timeout.
+    let r: Result<(), DebugError> =
+        debug::xs_watch(&host, "/other", Duration::from_millis(50), |_| Ok(()));
+    assert!(r.is_ok(), "{r:?}");
+}
+
+#[test]
+fn text_of_domains_rounds_pages_and_selftest() {
+    let rows = [debug::DomainRow {
+        domid: 12,
+        guest_type: "hvm",
+        state: "running".into(),
+        tot_pages: 262_144,
+        vcpus: 2,
+    }];
+    assert_eq!(
+        debug::render_domains(&rows),
+        "   ID  TYPE  STATE                  PAGES  VCPUS\n   12  hvm   running               262144      2\n"
+    );
+    assert_eq!(
+        debug::render_domains(&[]),
+        "   ID  TYPE  STATE                  PAGES  VCPUS\n"
+    );
+    let rounds = [
+        debug::DirtyRound {
+            dirty_pages: 0,
+            interval_ms: 1000,
+        },
+        debug::DirtyRound {
+            dirty_pages: 42,
+            interval_ms: 1001,
+        },
+    ];
+    assert_eq!(
+        debug::render_dirty_rounds(&rounds),
+        "round 1: 0 dirty pages in 1000 ms\nround 2: 42 dirty pages in 1001 ms\n"
+    );
+    assert_eq!(debug::render_dirty_rounds(&[]), "");
+    let page: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+    let fp = debug::fnv1a64(&page);
+    assert_eq!(
+        debug::render_page(3, 0x10, &page, false),
+        format!("domain 3 pfn 0x10: fnv1a64 {fp:016x}\n")
+    );
+    let text = debug::render_page(3, 0x10, &page, true);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 17, "{text}");
+    assert_eq!(
+        lines[1],
+        "0000: 00 01 02 03 04 05 06 07 08 09 0a 0b 0c 0d 0e 0f"
+    );
+    assert_eq!(
+        lines[16],
+        "00f0: f0 f1 f2 f3 f4 f5 f6 f7 f8 f9 fa fb fc fd fe ff"
+    );
+    let report = debug::SelftestReport {
+        domid: 3,
+        ok: false,
+        steps: vec![
+            debug::StepReport {
+                step: "pause",
+                ok: true,
+                detail: "paused and unpaused".into(),
+                millis: 1,
+            },
+            debug::StepReport {
+                step: "log-dirty",
+                ok: false,
+                detail: "no pages".into(),
+                millis: 123_456,
+            },
+        ],
+    };
+    assert_eq!(
+        debug::render_selftest(3, &report),
+        "pause            ok        1 ms  paused and unpaused\n\
+         log-dirty        FAIL 123456 ms  no pages\n\
+         selftest of domain 3: FAIL\n"
+    );
+}

@@ -1,15 +1,12 @@
 //! `kemarid`: the Kemari for Xen dom0 daemon (docs/api.md).
+//!
+//! The arguments are parsed here; starting and stopping is [`kemarid::launch`]'s.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{CommandFactory, Parser};
-use kemarid::daemon::config::{Config, DEFAULT_CONFIG};
-use kemarid::daemon::server::{Addresses, Server};
-use kemarid::daemon::worker::{Backend, XenBackend};
-use kemarid::daemon::{mem::MemBackend, notify, Daemon, Settings};
-use nix::sys::signal::{SigSet, Signal};
+use kemarid::launch::{self, Overrides, Running};
 
 /// Kemari for Xen dom0 daemon.
 ///
@@ -56,142 +53,33 @@ struct Args {
     mem_guest: Vec<String>,
 }
 
-fn check_host() -> anyhow::Result<usize> {
-    let host = hypervisor::xen::XenHost::open()
-        .context("cannot open this host's Xen (kemarid runs in a Xen 4.17 dom0, as root)")?;
-    let hv: &dyn hypervisor::Hypervisor = &host;
-    let domains = hv.list_domains().context("listing domains")?;
-    Ok(domains.len())
-}
-
-fn config(args: &Args) -> anyhow::Result<Config> {
-    let mut c = match (&args.config, args.mem) {
-        (Some(p), _) => Config::load(p)?,
-        (None, true) => Config::default(),
-        (None, false) => Config::load(std::path::Path::new(DEFAULT_CONFIG))?,
-    };
-    if args.mem {
-        let socket = args
-            .socket
-            .clone()
-            .context("--mem needs --socket PATH (the in-memory daemon is for tests)")?;
-        let mut state = socket.clone().into_os_string();
-        state.push(".d");
-        c.daemon.state_dir = args.state_dir.clone().unwrap_or_else(|| state.into());
-        c.daemon.spool_dir = c.daemon.state_dir.join("spool");
-        if args.peer_listen.is_none() && args.config.is_none() {
-            c.daemon.peer_listen = "127.0.0.1:0".into();
+impl Args {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            config: self.config.clone(),
+            socket: self.socket.clone(),
+            state_dir: self.state_dir.clone(),
+            peer_listen: self.peer_listen.clone(),
+            metrics_listen: self.metrics_listen.clone(),
+            hostname: self.hostname.clone(),
+            mem: self.mem,
         }
-        c.daemon.data_listen = "127.0.0.1".into();
     }
-    if let Some(s) = &args.socket {
-        c.daemon.socket = s.clone();
-    }
-    if let Some(s) = &args.state_dir {
-        c.daemon.state_dir = s.clone();
-    }
-    if let Some(s) = &args.peer_listen {
-        c.daemon.peer_listen = s.clone();
-    }
-    if let Some(s) = &args.metrics_listen {
-        c.daemon.metrics_listen = s.clone();
-    }
-    if let Some(s) = &args.hostname {
-        c.daemon.hostname = s.clone();
-    }
-    Ok(c)
-}
-
-fn kemari_bin(c: &Config) -> anyhow::Result<PathBuf> {
-    if !c.daemon.kemari_bin.is_empty() {
-        return Ok(PathBuf::from(&c.daemon.kemari_bin));
-    }
-    let exe = std::env::current_exe().context("locating kemarid's own binary")?;
-    Ok(exe.with_file_name("kemari"))
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
     if args.check {
-        let n = check_host()?;
+        let n = launch::check_host()?;
         println!("kemarid: this host is usable: Xen 4.17, {n} domains");
         return Ok(());
     }
-    let cfg = config(&args)?;
+    let cfg = launch::config(&args.overrides())?;
     // before any thread starts: the signals are taken by this thread only
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGTERM);
-    set.add(Signal::SIGINT);
-    set.thread_block().context("blocking SIGTERM/SIGINT")?;
-    let backend: Box<dyn Backend> =
-        if args.mem {
-            let guests = args
-                .mem_guest
-                .iter()
-                .map(|g| kemarid::daemon::mem::parse_guest(g))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(anyhow::Error::msg)?;
-            Box::new(MemBackend::new(&guests).context("creating the in-memory guests")?)
-        } else {
-            let bin = kemari_bin(&cfg)?;
-            anyhow::ensure!(
-                bin.exists(),
-                "the worker binary {} does not exist (set kemari_bin in kemarid.conf)",
-                bin.display()
-            );
-            let n = check_host()?;
-            log::info!("Xen 4.17, {n} domains; workers run {}", bin.display());
-            Box::new(XenBackend::open(bin).context(
-                "cannot open this host's Xen (kemarid runs in a Xen 4.17 dom0, as root)",
-            )?)
-        };
-    let addrs = Addresses {
-        socket: cfg.daemon.socket.clone(),
-        peer_listen: cfg.daemon.peer_listen.clone(),
-        metrics_listen: cfg.daemon.metrics_listen.clone(),
-    };
-    let settings = Settings::from_config(cfg, args.mem)?;
-    let daemon = Daemon::new(settings, backend)?;
-    let server = Server::bind(&addrs)?;
-    let socket = server.socket().to_path_buf();
-    server
-        .run(&daemon)
-        .context("starting the listener threads")?;
-    daemon.supervise().context("starting the supervisor")?;
-    let hello = daemon
-        .handle(kemarid::api::Request::Hello)
-        .map_err(anyhow::Error::msg)?;
-    log::info!(
-        "kemarid ready on {} (host {}): control socket {}, {hello:?}",
-        if args.mem {
-            "the in-memory Xen"
-        } else {
-            "Xen 4.17"
-        },
-        daemon.host(),
-        socket.display()
-    );
-    match notify::notify("READY=1") {
-        Ok(true) => log::info!("told systemd we are ready"),
-        Ok(false) => {}
-        Err(e) => log::warn!("{e}"),
-    }
-    let sig = set.wait().context("waiting for SIGTERM/SIGINT")?;
-    let running = match daemon.handle(kemarid::api::Request::Status { dom: None }) {
-        Ok(kemarid::api::Reply::Status(s)) => {
-            s.guests.iter().filter(|g| g.worker_pid.is_some()).count()
-        }
-        _ => 0,
-    };
-    daemon.begin_shutdown();
-    if let Err(e) = notify::notify("STOPPING=1") {
-        log::warn!("{e}");
-    }
-    if let Err(e) = std::fs::remove_file(&socket) {
-        log::warn!("removing {}: {e}", socket.display());
-    }
-    log::info!(
-        "kemarid: {sig} received, shutting down; {running} worker process(es) left running (a restarted kemarid adopts them; `kemari stop` ends protection)"
-    );
+    let signals = launch::block_signals()?;
+    let backend = launch::backend(&cfg, args.mem, &args.mem_guest)?;
+    let running = Running::start(cfg, backend, args.mem)?;
+    let sig = launch::wait_for_signal(&signals)?;
+    running.shutdown(sig);
     Ok(())
 }
 
