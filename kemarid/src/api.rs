@@ -172,6 +172,9 @@ pub struct StartOptions {
     /// Maximum epoch interval (ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval_ms: Option<u64>,
+    /// Minimum guest run time between two checkpoints (ms; 0: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_run_ms: Option<u64>,
     /// Checkpoints at cooperative suspend points (true) or by toolstack pause (false).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspend: Option<bool>,

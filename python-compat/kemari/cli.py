@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("dom", help="domain name or id on this host")
     s.add_argument("host", help="the secondary's kemarid: HOST or HOST:PORT")
     s.add_argument("--interval-ms", type=int, metavar="MS", help="maximum epoch interval")
+    s.add_argument("--min-run-ms", type=int, metavar="MS", help="minimum guest run time between checkpoints")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--suspend", dest="suspend", action="store_const", const=True, help="checkpoints at suspend points")
     g.add_argument("--no-suspend", dest="suspend", action="store_const", const=False, help="checkpoints by toolstack pause")
@@ -175,7 +176,7 @@ def _run(a, c: Client) -> int:
         a.what = f"cannot protect guest {a.dom} of {host} with a replica on {a.host}"
         opts = {
             k: getattr(a, k)
-            for k in ("interval_ms", "suspend", "disk", "disk_copy", "vdev", "vif", "unpause", "heartbeat_ms", "heartbeat_misses")
+            for k in ("interval_ms", "min_run_ms", "suspend", "disk", "disk_copy", "vdev", "vif", "unpause", "heartbeat_ms", "heartbeat_misses")
         }
         g = c.start(a.dom, a.host, **opts)
         if not a.no_wait:

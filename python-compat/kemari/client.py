@@ -20,6 +20,7 @@ MAX_LINE = 1 << 20
 #: The options of ``start`` (docs/api.md, "start options") and their types.
 START_OPTIONS = {
     "interval_ms": int,
+    "min_run_ms": int,
     "suspend": bool,
     "disk": str,
     "disk_copy": str,
@@ -195,7 +196,7 @@ class Client:
     def start(self, dom: str, host: str, **options) -> GuestStatus:
         """Protect domain ``dom`` of this host with a replica on ``host`` (``HOST`` or
         ``HOST:PORT`` of its kemarid). ``options`` are those of docs/api.md (``interval_ms``,
-        ``suspend``, ``disk``, ``disk_copy``, ``vdev``, ``vif``, ``unpause``, ``heartbeat_ms``,
+        ``min_run_ms``, ``suspend``, ``disk``, ``disk_copy``, ``vdev``, ``vif``, ``unpause``, ``heartbeat_ms``,
         ``heartbeat_misses``); an unknown or mistyped one raises TypeError
         before anything is sent. Returns once the workers run (state ``starting``): use
         :meth:`wait` for the initial sync."""

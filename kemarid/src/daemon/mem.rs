@@ -232,6 +232,7 @@ impl Backend for MemBackend {
         status.domid(domid);
         let target = spec.target.clone().unwrap_or_default();
         let triggers = Triggers::new(Duration::from_millis(spec.opts.interval_ms.max(1)));
+        let min_run = Duration::from_millis(spec.opts.min_run_ms);
         let xen = self.xen.clone();
         let t = triggers.clone();
         let name = spec.dom.clone();
@@ -240,7 +241,7 @@ impl Backend for MemBackend {
         let handle = std::thread::Builder::new()
             .name(format!("worker-{name}"))
             .spawn(move || {
-                let r = run_primary(&xen, domid, &name, &target, &t, &status, &slot);
+                let r = run_primary(&xen, domid, &name, &target, &t, min_run, &status, &slot);
                 match r {
                     Ok(()) => {
                         status.finish(GuestState::Stopped, None);
@@ -331,12 +332,14 @@ impl Backend for MemBackend {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_primary(
     xen: &MemXen,
     domid: u32,
     name: &str,
     target: &str,
     triggers: &Triggers,
+    min_run: Duration,
     status: &StatusWriter,
     slot: &Mutex<Option<TcpStream>>,
 ) -> Result<(), String> {
@@ -349,6 +352,7 @@ fn run_primary(
         max_live_rounds: 4,
         live_dirty_target: 64,
         ack_timeout: Duration::from_secs(20),
+        min_run,
         ..SenderOptions::default()
     };
     let domid = hypervisor::DomId::try_from(domid)

@@ -284,6 +284,9 @@ pub fn primary_args(spec: &WorkerSpec) -> Vec<String> {
         "--heartbeat-port".into(),
         spec.heartbeat_port.to_string(),
     ];
+    if spec.opts.min_run_ms > 0 {
+        a.extend(["--min-run-ms".into(), spec.opts.min_run_ms.to_string()]);
+    }
     if spec.opts.suspend {
         a.push("--suspend".into());
         a.extend([
@@ -463,6 +466,7 @@ mod tests {
             dir: PathBuf::from("/run/kemari/guests/web1"),
             opts: Resolved {
                 interval_ms: 50,
+                min_run_ms: 30,
                 suspend: true,
                 suspend_timeout_s: 120,
                 disk: Some("/srv/web1.img".into()),
@@ -485,7 +489,7 @@ mod tests {
         let a = primary_args(&spec()).join(" ");
         assert_eq!(
             a,
-            "--json replicate 7 host2:7210 --interval-ms 50 --heartbeat-port 7210 --suspend --suspend-timeout-s 120 --disk /srv/web1.img --vdev xvda --unpause --heartbeat-ms 100 --heartbeat-misses 5 --status-file /run/kemari/guests/web1/status.json"
+            "--json replicate 7 host2:7210 --interval-ms 50 --heartbeat-port 7210 --min-run-ms 30 --suspend --suspend-timeout-s 120 --disk /srv/web1.img --vdev xvda --unpause --heartbeat-ms 100 --heartbeat-misses 5 --status-file /run/kemari/guests/web1/status.json"
         );
         let a = secondary_args(&spec()).join(" ");
         assert_eq!(

@@ -48,6 +48,10 @@ pub struct StartArgs {
     /// Maximum epoch: a checkpoint at least this often (ms).
     #[arg(long, value_name = "MS")]
     pub interval_ms: Option<u64>,
+    /// Minimum guest run time between two checkpoints (ms; 0: none): bounds the checkpoint
+    /// rate of a guest whose output is always held.
+    #[arg(long, value_name = "MS")]
+    pub min_run_ms: Option<u64>,
     /// Checkpoints at cooperative suspend points (what lets the secondary resume a PV-aware
     /// guest; kemarid's default).
     #[arg(long, conflicts_with = "no_suspend")]
@@ -94,6 +98,7 @@ impl StartArgs {
     pub fn options(&self) -> StartOptions {
         StartOptions {
             interval_ms: self.interval_ms,
+            min_run_ms: self.min_run_ms,
             suspend: match (self.suspend, self.no_suspend) {
                 (_, true) => Some(false),
                 (true, false) => Some(true),
@@ -189,6 +194,8 @@ mod tests {
             "host2:7300",
             "--interval-ms",
             "50",
+            "--min-run-ms",
+            "40",
             "--no-suspend",
             "--unpause",
             "--heartbeat-misses",
@@ -202,6 +209,7 @@ mod tests {
             a.options(),
             StartOptions {
                 interval_ms: Some(50),
+                min_run_ms: Some(40),
                 suspend: Some(false),
                 unpause: Some(true),
                 heartbeat_misses: Some(3),
