@@ -74,6 +74,10 @@ pub struct PrimaryOptions {
     pub outputs: Option<OutputsConfig>,
     /// Unpause the guest once the initial sync is ACKed.
     pub unpause: bool,
+    /// Where the guest's libxl configuration is read from (`None`:
+    /// [`crate::domconfig::XEN_LIB_DIR`]; not an argument of `kemari replicate`).
+    #[serde(default)]
+    pub config_dir: Option<PathBuf>,
 }
 
 impl PrimaryOptions {
@@ -573,11 +577,19 @@ pub fn replicate<H: Hypervisor>(
         }
     }
     let xs = hv.open_xenstore().map_err(|e| xen("opening xenstore", e))?;
-    let config = crate::domconfig::domain_config_json(
-        domid,
-        Some(xs.as_ref()),
-        opts.replica_name.as_deref(),
-    )
+    let config = match &opts.config_dir {
+        None => crate::domconfig::domain_config_json(
+            domid,
+            Some(xs.as_ref()),
+            opts.replica_name.as_deref(),
+        ),
+        Some(dir) => crate::domconfig::read_domain_config(dir, domid, Some(xs.as_ref())).map(|c| {
+            crate::domconfig::to_image_bytes(&crate::domconfig::for_image(
+                c,
+                opts.replica_name.as_deref(),
+            ))
+        }),
+    }
     .map_err(|source| PrimaryError::Config { domid, source })?;
     let device: Option<Box<dyn DeviceState>> = match info.guest_type {
         GuestType::Hvm => Some(Box::new(

@@ -718,6 +718,18 @@ pub fn receive<H: Hypervisor + 'static>(
     open_host: impl FnOnce() -> Result<(Arc<H>, Box<dyn ReplicaBuilder>), XenOpenError>,
     report: &mut dyn FnMut(SecondaryReport<'_>),
 ) -> Result<SecondaryEnd, SecondaryError> {
+    receive_on(opts, signals, open_host, |a| TcpListener::bind(a), report)
+}
+
+/// [`receive`] with the listening socket made by `listen` from `opts.listen` (when it is
+/// needed: after the host is open), e.g. one bound beforehand.
+pub fn receive_on<H: Hypervisor + 'static>(
+    opts: &SecondaryOptions,
+    signals: Signals,
+    open_host: impl FnOnce() -> Result<(Arc<H>, Box<dyn ReplicaBuilder>), XenOpenError>,
+    listen: impl FnOnce(&str) -> std::io::Result<TcpListener>,
+    report: &mut dyn FnMut(SecondaryReport<'_>),
+) -> Result<SecondaryEnd, SecondaryError> {
     let process_signals = signals == Signals::Process;
     // as kemarid's worker: SIGUSR2 (fail over now) blocked before any thread starts
     let daemon_signal = match (&opts.status_file, process_signals) {
@@ -758,8 +770,7 @@ pub fn receive<H: Hypervisor + 'static>(
         .with_disks(opts.disks.clone())
         .with_observer(status.session_observer());
     let net = |step: String| move |source| SecondaryError::Net { step, source };
-    let listener =
-        TcpListener::bind(&opts.listen).map_err(net(format!("listening on {}", opts.listen)))?;
+    let listener = listen(&opts.listen).map_err(net(format!("listening on {}", opts.listen)))?;
     eprintln!("kemari receive: listening on {}", opts.listen);
     let hb_socket = match &opts.heartbeat_listen {
         None => None,

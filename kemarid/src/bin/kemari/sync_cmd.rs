@@ -255,6 +255,7 @@ impl ReplicateArgs {
             status_file: self.status_file.clone(),
             outputs: self.commit.config()?,
             unpause: self.commit.unpause,
+            config_dir: None,
         })
     }
 }
