@@ -255,6 +255,44 @@ pub struct Replicated {
     pub total_s: f64,
 }
 
+impl Replicated {
+    /// The `--json` line.
+    pub fn json(&self) -> serde_json::Value {
+        let (s, out) = (&self.outcome.stats, &self.outcome);
+        serde_json::json!({
+            "domid": self.domid,
+            "initial": self.initial,
+            "checkpoints": s,
+            "checkpoints_per_s": self.checkpoints_per_s,
+            "protect_s": self.protect_s,
+            "last_seq": out.last_seq,
+            "held_paused": out.held_paused,
+            "total_s": self.total_s,
+        })
+    }
+
+    /// The text line.
+    pub fn line(&self) -> String {
+        let (s, out) = (&self.outcome.stats, &self.outcome);
+        format!(
+            "replicated domain {}: checkpoints={} per_s={:.2} pause_mean_ms={:.2} pause_p99_ms={:.2} pause_max_ms={:.2} pages_mean={:.1} pages_max={} bytes={} ack_wait_mean_ms={:.2} coalesced={} last_seq={} held_paused={}",
+            self.domid,
+            s.checkpoints,
+            self.checkpoints_per_s,
+            s.pause_mean_ms,
+            s.pause_p99_ms,
+            s.pause_max_ms,
+            s.pages_mean,
+            s.pages_max,
+            s.bytes,
+            s.ack_wait_mean_ms,
+            s.coalesced,
+            out.last_seq,
+            out.held_paused
+        )
+    }
+}
+
 /// What is printed on stdout, in this order, as it happens.
 #[derive(Debug)]
 pub enum PrimaryReport<'a> {

@@ -332,6 +332,105 @@ pub struct DiskServed {
     pub stats: VbdStats,
 }
 
+impl FailedOver {
+    /// Its `failover` object in the `--json` line.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "host": self.host,
+            "role": "primary, unprotected",
+            "name": self.name,
+            "report": self.report,
+            "method": format!("{:?}", self.method),
+            "detection_ms": self.detection_ms,
+            "heartbeat_to_running_ms": self.heartbeat_to_running_ms,
+            "disk": self.disk.as_ref().map(|d| serde_json::json!({
+                "path": d.path, "vdev": d.vdev, "ms": d.ms,
+            })),
+            "vif": self.vif.as_ref().map(|v| serde_json::json!({
+                "devid": v.devid, "mac": v.mac, "tap": v.tap, "ms": v.ms,
+            })),
+        })
+    }
+}
+
+impl Received {
+    /// The `--json` line.
+    pub fn json(&self) -> serde_json::Value {
+        let s = &self.session;
+        serde_json::json!({
+            "peer": self.peer.to_string(),
+            "replica": s.replica,
+            "acked": s.acked,
+            "checkpoints": s.checkpoints,
+            "pages": s.pages,
+            "image_pages": s.image_pages,
+            "image_bytes": s.image_bytes,
+            "seconds": self.seconds,
+            "error": self.error.as_ref().map(ToString::to_string),
+            "staged": self.staged,
+            "disk_entries": s.disk_entries,
+            "skipped_pages": s.skipped_pages,
+            "disk_bytes": s.disk_bytes,
+            "failover": self.failover.as_ref().map(FailedOver::json),
+        })
+    }
+
+    /// The text line.
+    pub fn line(&self) -> String {
+        let s = &self.session;
+        format!(
+            "received from {}: replica={} acked={} checkpoints={} pages={} image_pages={} image_bytes={} seconds={:.1}{}",
+            self.peer,
+            s.replica.map_or("-".into(), |d| d.to_string()),
+            s.acked.map_or("-".into(), |s| s.to_string()),
+            s.checkpoints,
+            s.pages,
+            s.image_pages,
+            s.image_bytes,
+            self.seconds,
+            self.error.as_ref().map_or(String::new(), |e| format!(" error: {e}"))
+        )
+    }
+}
+
+impl DiskServed {
+    /// The `--json` line.
+    pub fn json(&self) -> serde_json::Value {
+        let s = &self.stats;
+        serde_json::json!({
+            "disk": {
+                "device": self.vdev,
+                "domid": self.domid,
+                "status": self.status,
+                "seconds": self.seconds,
+                "requests": s.requests,
+                "read_bytes": s.read_bytes,
+                "write_bytes": s.write_bytes,
+                "flushes": s.flushes,
+                "discards": s.discards,
+                "errors": s.errors,
+            }
+        })
+    }
+
+    /// The text line.
+    pub fn line(&self) -> String {
+        let s = &self.stats;
+        format!(
+            "kemari receive: disk {} of domain {}: {}; {} requests answered in {:.1} s, {} MiB read, {} MiB written, {} flushes, {} errors",
+            self.vdev,
+            self.domid,
+            self.status,
+            s.requests,
+            self.seconds,
+            s.read_bytes >> 20,
+            s.write_bytes >> 20,
+            s.flushes,
+            s.errors
+        )
+    }
+}
+
 /// What is printed on stdout, in this order, as it happens.
 #[derive(Debug)]
 pub enum SecondaryReport<'a> {

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use hypervisor::{DomainControl, Hypervisor};
+use kemarid::session::outputs::Device;
 use kemarid::session::primary::{self, PrimaryEnd, PrimaryOptions, PrimaryReport};
 use kemarid::session::secondary::{
     self, FailoverMethod, FailoverVif, SecondaryEnd, SecondaryOptions, SecondaryReport,
@@ -358,47 +359,11 @@ fn replicate(a: ReplicateArgs, json: bool) -> anyhow::Result<ExitCode> {
 
 fn print_primary(r: &PrimaryReport<'_>, json: bool) -> anyhow::Result<()> {
     match r {
-        PrimaryReport::Replicated(r) => {
-            let (s, out) = (&r.outcome.stats, &r.outcome);
-            if json {
-                print_json(&serde_json::json!({
-                    "domid": r.domid,
-                    "initial": r.initial,
-                    "checkpoints": s,
-                    "checkpoints_per_s": r.checkpoints_per_s,
-                    "protect_s": r.protect_s,
-                    "last_seq": out.last_seq,
-                    "held_paused": out.held_paused,
-                    "total_s": r.total_s,
-                }))?;
-            } else {
-                println!(
-                    "replicated domain {}: checkpoints={} per_s={:.2} pause_mean_ms={:.2} pause_p99_ms={:.2} pause_max_ms={:.2} pages_mean={:.1} pages_max={} bytes={} ack_wait_mean_ms={:.2} coalesced={} last_seq={} held_paused={}",
-                    r.domid,
-                    s.checkpoints,
-                    r.checkpoints_per_s,
-                    s.pause_mean_ms,
-                    s.pause_p99_ms,
-                    s.pause_max_ms,
-                    s.pages_mean,
-                    s.pages_max,
-                    s.bytes,
-                    s.ack_wait_mean_ms,
-                    s.coalesced,
-                    out.last_seq,
-                    out.held_paused
-                );
-            }
-        }
-        PrimaryReport::Device(device, r) => {
-            if json {
-                println!("{}", r.json);
-            } else if *device == kemarid::session::outputs::Device::Vif {
-                println!("kemari replicate: {}", r.text);
-            } else {
-                println!("{}", r.text);
-            }
-        }
+        PrimaryReport::Replicated(r) if json => print_json(&r.json())?,
+        PrimaryReport::Replicated(r) => println!("{}", r.line()),
+        PrimaryReport::Device(_, r) if json => println!("{}", r.json),
+        PrimaryReport::Device(Device::Vif, r) => println!("kemari replicate: {}", r.text),
+        PrimaryReport::Device(_, r) => println!("{}", r.text),
     }
     Ok(())
 }
@@ -425,97 +390,14 @@ fn receive(a: ReceiveArgs, json: bool) -> anyhow::Result<ExitCode> {
 
 fn print_secondary(r: &SecondaryReport<'_>, json: bool) -> anyhow::Result<()> {
     match r {
-        SecondaryReport::Received(r) => {
-            let s = &r.session;
-            let error = r.error.as_ref().map(ToString::to_string);
-            if json {
-                let failover = r.failover.as_ref().map(|f| {
-                    serde_json::json!({
-                        "host": f.host,
-                        "role": "primary, unprotected",
-                        "name": f.name,
-                        "report": f.report,
-                        "method": format!("{:?}", f.method),
-                        "detection_ms": f.detection_ms,
-                        "heartbeat_to_running_ms": f.heartbeat_to_running_ms,
-                        "disk": f.disk.as_ref().map(|d| serde_json::json!({
-                            "path": d.path, "vdev": d.vdev, "ms": d.ms,
-                        })),
-                        "vif": f.vif.as_ref().map(|v| serde_json::json!({
-                            "devid": v.devid, "mac": v.mac, "tap": v.tap, "ms": v.ms,
-                        })),
-                    })
-                });
-                print_json(&serde_json::json!({
-                    "peer": r.peer.to_string(),
-                    "replica": s.replica,
-                    "acked": s.acked,
-                    "checkpoints": s.checkpoints,
-                    "pages": s.pages,
-                    "image_pages": s.image_pages,
-                    "image_bytes": s.image_bytes,
-                    "seconds": r.seconds,
-                    "error": error,
-                    "staged": r.staged,
-                    "disk_entries": s.disk_entries,
-                    "skipped_pages": s.skipped_pages,
-                    "disk_bytes": s.disk_bytes,
-                    "failover": failover,
-                }))?;
-            } else {
-                println!(
-                    "received from {}: replica={} acked={} checkpoints={} pages={} image_pages={} image_bytes={} seconds={:.1}{}",
-                    r.peer,
-                    s.replica.map_or("-".into(), |d| d.to_string()),
-                    s.acked.map_or("-".into(), |s| s.to_string()),
-                    s.checkpoints,
-                    s.pages,
-                    s.image_pages,
-                    s.image_bytes,
-                    r.seconds,
-                    error.map_or(String::new(), |e| format!(" error: {e}"))
-                );
-            }
+        SecondaryReport::Received(r) if json => print_json(&r.json())?,
+        SecondaryReport::Received(r) => println!("{}", r.line()),
+        SecondaryReport::FailoverDisk(d) if json => print_json(&d.json())?,
+        SecondaryReport::FailoverDisk(d) => println!("{}", d.line()),
+        SecondaryReport::FailoverVif(r) if json => {
+            println!("{}", serde_json::json!({ "vif": r.json }))
         }
-        SecondaryReport::FailoverDisk(d) => {
-            let s = &d.stats;
-            if json {
-                print_json(&serde_json::json!({
-                    "disk": {
-                        "device": d.vdev,
-                        "domid": d.domid,
-                        "status": d.status,
-                        "seconds": d.seconds,
-                        "requests": s.requests,
-                        "read_bytes": s.read_bytes,
-                        "write_bytes": s.write_bytes,
-                        "flushes": s.flushes,
-                        "discards": s.discards,
-                        "errors": s.errors,
-                    }
-                }))?;
-            } else {
-                println!(
-                    "kemari receive: disk {} of domain {}: {}; {} requests answered in {:.1} s, {} MiB read, {} MiB written, {} flushes, {} errors",
-                    d.vdev,
-                    d.domid,
-                    d.status,
-                    s.requests,
-                    d.seconds,
-                    s.read_bytes >> 20,
-                    s.write_bytes >> 20,
-                    s.flushes,
-                    s.errors
-                );
-            }
-        }
-        SecondaryReport::FailoverVif(r) => {
-            if json {
-                println!("{}", serde_json::json!({ "vif": r.json }));
-            } else {
-                println!("kemari receive: {}", r.text);
-            }
-        }
+        SecondaryReport::FailoverVif(r) => println!("kemari receive: {}", r.text),
     }
     Ok(())
 }

@@ -141,7 +141,13 @@ fn a_primary_session_replicates_to_a_secondary_session_and_stops() {
             },
             |_| Ok(listener),
             &mut |r| {
-                if let SecondaryReport::Received(Received { session, error, .. }) = r {
+                if let SecondaryReport::Received(r) = r {
+                    let line = r.line();
+                    assert!(line.starts_with("received from 127.0.0.1:"), "{line}");
+                    assert!(line.contains(" checkpoints=3 "), "{line}");
+                    assert_eq!(r.json()["checkpoints"], 3);
+                    assert!(r.json()["failover"].is_null());
+                    let Received { session, error, .. } = r;
                     seen.push((
                         session.replica,
                         session.acked,
@@ -170,6 +176,33 @@ fn a_primary_session_replicates_to_a_secondary_session_and_stops() {
     assert_eq!(done.outcome.stats.checkpoints, 3);
     assert!(done.initial.live_pages + done.initial.final_pages >= PAGES);
     assert!(xen.domain_info(dom).unwrap().paused, "held at the last ACK");
+    // what kemari replicate prints
+    let line = done.line();
+    assert!(
+        line.starts_with(&format!("replicated domain {dom}: checkpoints=3 per_s=")),
+        "{line}"
+    );
+    assert!(
+        line.ends_with(&format!(
+            " last_seq={} held_paused=true",
+            done.outcome.last_seq
+        )),
+        "{line}"
+    );
+    let json = done.json();
+    for key in [
+        "domid",
+        "initial",
+        "checkpoints",
+        "checkpoints_per_s",
+        "protect_s",
+        "last_seq",
+        "held_paused",
+        "total_s",
+    ] {
+        assert!(json.get(key).is_some(), "{key}: {json}");
+    }
+    assert_eq!(json["checkpoints"]["checkpoints"], 3);
 
     let (send, sec_xen, seen) = secondary.join().unwrap();
     assert_eq!(send, SecondaryEnd::Served { failed: false });
