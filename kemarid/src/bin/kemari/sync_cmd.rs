@@ -1,7 +1,9 @@
 //! `kemari replicate`, `kemari receive` and the sync-related `kemari debug` commands.
 //!
-//! These run the sync engine in the foreground. They are the lab's handle on it until the
-//! control API (issue 7) exists; the daemon will then run the same engine.
+//! The sessions themselves are the library's (`kemarid::session::primary`, `secondary`): this
+//! parses their arguments, converts them into the sessions' options, runs them in the
+//! foreground and prints what they return. They are the lab's handle on the engine and
+//! kemarid's workers.
 
 use std::io::Write;
 use std::path::PathBuf;
