@@ -196,7 +196,7 @@ pub fn vdev_name(devid: u32) -> String {
 }
 
 /// The guest's disk to serve.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskSpec {
     /// The raw image (or block device).
     pub image: PathBuf,
@@ -208,7 +208,7 @@ pub struct DiskSpec {
 }
 
 /// The guest's NIC to serve (`--vif` settings).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VifSpec {
     /// The guest's MAC (Xen's default for the handle if `None`).
     pub mac: Option<[u8; 6]>,
@@ -294,7 +294,7 @@ pub fn unpause(hv: &dyn Hypervisor, domid: DomId) -> Result<(), OutputsError> {
 }
 
 /// What to serve and where to log the gates' commit lines.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OutputsConfig {
     /// The guest's disk.
     pub disk: Option<DiskSpec>,

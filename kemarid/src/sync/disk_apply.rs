@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use kemari_stream::disklog::{DiskLogEntry, DiskOp, SECTOR_BYTES};
 
 /// A disk of the replica: the secondary's copy of one of the guest's disks.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReplicaDisk {
     /// The guest's `virtual-device` number (51712 = xvda).
     pub devid: u32,

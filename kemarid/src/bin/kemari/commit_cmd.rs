@@ -1,6 +1,6 @@
 //! Output commit's command line: the arguments of `kemari replicate --disk/--vif` and `kemari
-//! receive --disk/--vif`, their conversion into `kemarid::session::outputs`' types, and what
-//! is printed. The protected guest's disk and NIC are served by Kemari's blkback and netback
+//! receive --disk/--vif` and their conversion into `kemarid::session::outputs`' types (the
+//! session, `kemarid::session::primary`, serves them and says what it did). The protected guest's disk and NIC are served by Kemari's blkback and netback
 //! in the same process as the sender, each behind an output gate
 //! ([`kemarid::session::outputs`]); the checkpoint hook that orders hold, trigger and release
 //! is [`kemarid::session::hook`].
@@ -10,20 +10,10 @@
 //! with --hold).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
-use anyhow::Context;
 use clap::Args;
-use hypervisor::{DomId, Hypervisor};
-use kemarid::failover::net::NetSpec;
-use kemarid::session::outputs::{
-    self, vdev_name, vdev_to_devid, DiskSpec, Outputs, OutputsConfig, Started,
-};
+use kemarid::session::outputs::{self, vdev_to_devid, DiskSpec, OutputsConfig};
 use kemarid::sync::disk_apply::ReplicaDisk;
-use kemarid::sync::trigger::{Reasons, Triggers};
-use nix::sys::signal::{SigSet, Signal};
-use xenbus_backend::VifConfig;
 
 /// `kemari replicate` arguments of output commit.
 #[derive(Args, Debug, Clone)]
@@ -99,30 +89,9 @@ pub struct ReceiveNetArgs {
     pub vif: Option<String>,
 }
 
-impl ReceiveNetArgs {
-    /// What to serve after a failover, if anything.
-    pub fn spec(&self) -> anyhow::Result<Option<NetSpec>> {
-        let Some(s) = &self.vif else {
-            return Ok(None);
-        };
-        let v = crate::attach_cmd::parse_vif_spec(s)?;
-        let mac = v.mac.with_context(|| {
-            format!("--vif {s:?}: mac= is required (the guest's MAC on the primary)")
-        })?;
-        let mut vif = VifConfig::new(0, v.devid);
-        vif.mac = mac;
-        Ok(Some(NetSpec {
-            vif,
-            tap_name: v.ifname,
-            bridge: v.bridge,
-            gso: v.gso,
-        }))
-    }
-}
-
 impl CommitArgs {
     /// What to serve, `None` without --disk and --vif.
-    fn config(&self) -> anyhow::Result<Option<OutputsConfig>> {
+    pub fn config(&self) -> anyhow::Result<Option<OutputsConfig>> {
         if self.disk.is_none() && self.vif.is_none() {
             anyhow::ensure!(
                 self.commit_log.is_none(),
@@ -149,102 +118,6 @@ impl CommitArgs {
             commit_log: self.commit_log.clone(),
         }))
     }
-}
-
-/// Creates the disk and/or NIC of `domid` (before the guest runs) behind gates whose taps
-/// fire `triggers`, serves each in a thread and says so. `None` without `--disk` and `--vif`.
-pub fn start_outputs(
-    domid: DomId,
-    args: &CommitArgs,
-    triggers: &Triggers,
-    usr1: &Arc<AtomicBool>,
-) -> anyhow::Result<Option<Outputs>> {
-    let Some(config) = args.config()? else {
-        return Ok(None);
-    };
-    let outputs = Outputs::start(domid, config, triggers, usr1, &mut |s| match s {
-        Started::Disk {
-            devid,
-            image,
-            backend,
-        } => eprintln!(
-            "kemari replicate: domain {domid} {} served from {} at {backend} under output commit",
-            vdev_name(devid),
-            image.display()
-        ),
-        Started::Vif { description } => {
-            eprintln!("kemari replicate: domain {domid} {description} under output commit")
-        }
-    })?;
-    Ok(Some(outputs))
-}
-
-/// [`Outputs::finish`], printing each device's counters (--json: a line each, the disk
-/// first); the first device's error is returned, each is printed.
-pub fn finish(outputs: Outputs, held: bool, triggers: &Triggers, json: bool) -> anyhow::Result<()> {
-    let ended = outputs.finish(held, triggers, |domid| {
-        eprintln!(
-            "kemari replicate: protection over: domain {domid} runs unprotected, its devices are served until it is gone or SIGTERM/SIGUSR1"
-        )
-    });
-    let mut first_err = None;
-    for (device, r) in ended {
-        match r {
-            Ok(r) => {
-                if json {
-                    println!("{}", r.json);
-                } else if device == outputs::Device::Vif {
-                    println!("kemari replicate: {}", r.text);
-                } else {
-                    println!("{}", r.text);
-                }
-            }
-            Err(e) => {
-                let e = anyhow::Error::from(e);
-                eprintln!("kemari replicate: {device}: {e:#}");
-                first_err.get_or_insert(e);
-            }
-        }
-    }
-    first_err.map_or(Ok(()), Err)
-}
-
-/// `--unpause`: unpauses the guest (after the initial sync).
-pub fn unpause_if_asked(
-    args: &CommitArgs,
-    hv: &dyn Hypervisor,
-    domid: DomId,
-) -> anyhow::Result<()> {
-    if args.unpause {
-        outputs::unpause(hv, domid)?;
-        eprintln!("kemari replicate: domain {domid} unpaused");
-    }
-    Ok(())
-}
-
-/// Blocks SIGUSR1 in the calling thread and every thread it starts later (call first).
-pub fn block_usr1() -> anyhow::Result<Arc<AtomicBool>> {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGUSR1);
-    set.thread_block().context("blocking SIGUSR1")?;
-    Ok(Arc::new(AtomicBool::new(false)))
-}
-
-/// Waits for SIGUSR1 (blocked by [`block_usr1`]): sets `flag` and requests a checkpoint.
-pub fn hold_on_usr1(flag: Arc<AtomicBool>, triggers: Triggers) -> anyhow::Result<()> {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGUSR1);
-    std::thread::Builder::new()
-        .name("usr1".into())
-        .spawn(move || {
-            if set.wait().is_ok() {
-                eprintln!("kemari replicate: SIGUSR1: holding the guest at the next checkpoint and stopping there");
-                flag.store(true, Ordering::SeqCst);
-                triggers.fire(Reasons::REQUEST);
-            }
-        })
-        .context("starting the SIGUSR1 thread")?;
-    Ok(())
 }
 
 /// `kemari debug disk-log FILE [--replay COPY] [--vdev xvda]`.
@@ -305,27 +178,6 @@ pub fn disk_log(
     Ok(())
 }
 
-/// After a failover with `--vif`: serves the guest's NIC until the guest is gone or `stop`;
-/// returns the line to print with its counters (with --json `{"vif": {...}}`).
-pub fn serve_failover_vif(
-    vif: xenbus_backend::Vif<'_>,
-    stop: &AtomicBool,
-    json: bool,
-) -> anyhow::Result<String> {
-    eprintln!(
-        "kemari receive: serving domain {}'s vif {} at {} until the guest is gone or SIGTERM",
-        vif.paths().domid,
-        vif.config().devid,
-        vif.paths().backend
-    );
-    let r = outputs::serve_failover_vif(vif, stop)?;
-    Ok(if json {
-        serde_json::json!({ "vif": r.json }).to_string()
-    } else {
-        format!("kemari receive: {}", r.text)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,23 +227,5 @@ mod tests {
         };
         let e = a.config().unwrap_err().to_string();
         assert_eq!(e, "--vdev \"sda\": expected xvda..xvdp");
-    }
-
-    #[test]
-    fn receive_vif_needs_the_guests_mac() {
-        let a = ReceiveNetArgs {
-            vif: Some("bridge=xenbr0".into()),
-        };
-        let e = a.spec().unwrap_err().to_string();
-        assert!(e.contains("mac= is required"), "{e}");
-        let a = ReceiveNetArgs {
-            vif: Some("mac=00:16:3e:77:00:96,bridge=xenbr0,gso=0,ifname=t1".into()),
-        };
-        let s = a.spec().unwrap().unwrap();
-        assert_eq!(s.vif.mac_string(), "00:16:3e:77:00:96");
-        assert_eq!(s.bridge.as_deref(), Some("xenbr0"));
-        assert_eq!(s.tap_name.as_deref(), Some("t1"));
-        assert!(!s.gso);
-        assert!(ReceiveNetArgs { vif: None }.spec().unwrap().is_none());
     }
 }

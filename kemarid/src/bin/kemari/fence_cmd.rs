@@ -1,17 +1,15 @@
 //! Self-fencing of the primary (`kemarid::failover::fence`): `kemari replicate` starts the
-//! guardian `kemari fence-guard` (hidden subcommand) with a pipe on its stdin; the guardian
-//! pauses and destroys the guest when `kemari replicate` dies or hangs while protection is on.
+//! guardian `kemari fence-guard` (hidden subcommand, run here) with a pipe on its stdin
+//! (`kemarid::session::fence`); the guardian pauses and destroys the guest when `kemari
+//! replicate` dies or hangs while protection is on.
 
-use std::os::unix::process::CommandExt;
-use std::process::{ChildStdin, Command, ExitCode, Stdio};
-use std::sync::Arc;
+use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Args;
 use hypervisor::DomId;
-use kemarid::failover::fence::{self, Guard, Verdict};
-use kemarid::failover::heartbeat::HeartbeatConfig;
+use kemarid::failover::fence::{self, Verdict};
 use kemarid::xltool::XlTool;
 
 /// Arguments of the guardian (started by `kemari replicate`, not by hand).
@@ -27,67 +25,11 @@ pub struct FenceGuardArgs {
     pub pause_only: bool,
 }
 
-/// The shared guard of `kemari replicate`.
-pub type SharedGuard = Arc<Guard<ChildStdin>>;
-
 fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
-}
-
-/// Starts the guardian of `domid` (its stderr is ours: the same log). Its silence is
-/// [`fence::silence_for`] the heartbeat's timing.
-pub fn start(domid: DomId, hb: &HeartbeatConfig) -> anyhow::Result<SharedGuard> {
-    let exe = std::env::current_exe().context("finding this program to start the fence guard")?;
-    let silence = fence::silence_for(hb);
-    let mut child = Command::new(&exe)
-        .arg("fence-guard")
-        .arg(domid.to_string())
-        .arg("--silence-ms")
-        .arg(silence.as_millis().to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        // its own process group: a Ctrl-C meant for kemari replicate does not end it
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("starting the fence guard {}", exe.display()))?;
-    let stdin = child
-        .stdin
-        .take()
-        .context("the fence guard has no stdin pipe")?;
-    eprintln!(
-        "kemari replicate: fence guard {} for domain {domid}: once protection is on, the guest is paused and destroyed if this process dies or is silent for {} ms",
-        child.id(),
-        silence.as_millis()
-    );
-    // not waited for: it outlives this process on purpose
-    drop(child);
-    Ok(Arc::new(Guard::new(stdin)))
-}
-
-/// Disarms the guard when `kemari replicate` returns (any orderly end, including errors);
-/// a panic is not an orderly end: the guard is left armed and the guardian fences.
-pub struct DisarmOnReturn(pub Option<SharedGuard>);
-
-impl DisarmOnReturn {
-    /// Disarms now (protection ended in order).
-    pub fn disarm(&self) {
-        if let Some(g) = &self.0 {
-            if let Err(e) = g.disarm() {
-                log::warn!("{e}");
-            }
-        }
-    }
-}
-
-impl Drop for DisarmOnReturn {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            self.disarm();
-        }
-    }
 }
 
 /// The guardian's main: watch stdin, fence on a verdict.
