@@ -26,6 +26,8 @@ mod debug_cmd;
 mod fence_cmd;
 #[path = "kemari/pv_cmd.rs"]
 mod pv_cmd;
+#[path = "kemari/sync_args.rs"]
+mod sync_args;
 #[path = "kemari/sync_cmd.rs"]
 mod sync_cmd;
 
@@ -55,7 +57,7 @@ enum Command {
     #[command(subcommand)]
     Debug(DebugCommand),
     #[command(flatten)]
-    Sync(sync_cmd::SyncCommand),
+    Sync(sync_args::SyncCommand),
     /// Serve a disk image (userspace blkback) and/or a NIC on a dom0 tap (userspace netback) to
     /// a guest (foreground): creates the device nodes for a guest created paused without them
     /// (`xl create -p`), optionally unpauses it, and serves until the guest is gone or
@@ -68,7 +70,7 @@ pub enum DebugCommand {
     /// List the domains of this host (id, type, state, pages, vCPUs).
     Domains,
     #[command(flatten)]
-    Sync(sync_cmd::SyncDebug),
+    Sync(sync_args::SyncDebug),
     #[command(flatten)]
     Pv(pv_cmd::PvDebug),
     /// Show what an `xl save` image file contains (xl header, domain type, records by type,
