@@ -315,3 +315,225 @@ pub(crate) trait Backend {
 
 /// Node where the reason a device failed is published.
 pub const ERROR_NODE: &str = "kemari-error";
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::device::LOGGED_BAD_REQUESTS;
+    use hypervisor::mem::{DomainConfig, MemXen};
+    use hypervisor::{DomId, Hypervisor, Tx};
+
+    /// Errors of the fake device.
+    #[derive(Debug, thiserror::Error)]
+    enum FakeError {
+        #[error(transparent)]
+        Device(#[from] DeviceError),
+        #[error("fake {what}: {source}")]
+        Hypervisor {
+            what: String,
+            source: HypervisorError,
+        },
+        #[error("frontend asks for {0}")]
+        Unsupported(&'static str),
+        #[error("poll: {0}")]
+        Poll(nix::Error),
+    }
+
+    /// A device kind with no rings: counts what the driver asks of it.
+    struct Fake {
+        bus: Bus,
+        refuse: bool,
+        connected: bool,
+        connects: u32,
+        disconnects: u32,
+        serves: u32,
+    }
+
+    impl Backend for Fake {
+        type Error = FakeError;
+        const KIND: &'static str = "fake";
+
+        fn bus(&self) -> &Bus {
+            &self.bus
+        }
+        fn bus_mut(&mut self) -> &mut Bus {
+            &mut self.bus
+        }
+        fn hv_err(_: &DevicePaths, what: String, source: HypervisorError) -> FakeError {
+            FakeError::Hypervisor { what, source }
+        }
+        fn is_dom0_failure(e: &FakeError) -> bool {
+            matches!(e, FakeError::Device(DeviceError::Xenstore { .. }))
+        }
+        fn connect_frontend(&mut self) -> Result<(), FakeError> {
+            if self.refuse {
+                return Err(FakeError::Unsupported("ring-page-order 9"));
+            }
+            self.connects += 1;
+            self.connected = true;
+            Ok(())
+        }
+        fn log_connected(&self) {}
+        fn disconnect(&mut self) {
+            self.disconnects += 1;
+            self.connected = false;
+        }
+        fn serve(&mut self) -> Result<(), FakeError> {
+            self.serves += 1;
+            Ok(())
+        }
+        fn local_port(&self) -> Option<Port> {
+            None
+        }
+        fn poll_once(&mut self, timeout: Option<Duration>) -> Result<(), FakeError> {
+            self.bus.wait(&[], timeout).map_err(FakeError::Poll)?;
+            self.dispatch()?;
+            Ok(())
+        }
+    }
+
+    struct Setup {
+        host: MemXen,
+        domid: DomId,
+    }
+
+    fn setup() -> Setup {
+        let host = MemXen::new();
+        let domid = host.create_domain(DomainConfig::pvh(64)).unwrap();
+        Setup { host, domid }
+    }
+
+    /// A device published as `create` does: nodes, `Initialising`, watch, `InitWait`.
+    fn fake(s: &Setup, refuse: bool) -> Fake {
+        let xs = s.host.open_xenstore().unwrap();
+        let paths = DevicePaths::new(xs.as_ref(), s.domid, 7, 0, "fake", "kemari-fake").unwrap();
+        device::create_nodes(xs.as_ref(), &paths, &[], &[]).unwrap();
+        let evtchn = s.host.open_event_channels().unwrap();
+        let mut f = Fake {
+            bus: Bus::new(xs, evtchn, paths, "kemari-fake"),
+            refuse,
+            connected: false,
+            connects: 0,
+            disconnects: 0,
+            serves: 0,
+        };
+        f.bus.state = BackendState::Xenbus(XenbusState::Initialising);
+        f.start_watch().unwrap();
+        f.set_state(BackendState::Xenbus(XenbusState::InitWait))
+            .unwrap();
+        f
+    }
+
+    fn front_writes(s: &Setup, f: &Fake, value: &str) {
+        let gxs = s.host.guest(s.domid).xenstore().unwrap();
+        gxs.write(Tx::NONE, &f.bus.paths.frontend_state(), value.as_bytes())
+            .unwrap();
+    }
+
+    fn back_node(f: &Fake, node: &str) -> String {
+        let v = f.bus.xs.read(Tx::NONE, &f.bus.paths.back(node)).unwrap();
+        String::from_utf8_lossy(&v).into_owned()
+    }
+
+    fn poll(f: &mut Fake) {
+        f.poll_once(Some(Duration::from_millis(20))).unwrap();
+    }
+
+    #[test]
+    fn the_driver_follows_the_frontend_through_the_handshake() {
+        let s = setup();
+        let mut f = fake(&s, false);
+        assert_eq!(back_node(&f, "state"), "2");
+        front_writes(&s, &f, "3");
+        poll(&mut f);
+        assert_eq!(f.bus.state, BackendState::Xenbus(XenbusState::Connected));
+        assert_eq!((f.connects, f.serves), (1, 1));
+        assert_eq!(back_node(&f, "state"), "4");
+        assert_eq!(back_node(&f, crate::state::KEMARI_STATE_NODE), "connected");
+        front_writes(&s, &f, "5");
+        poll(&mut f);
+        assert_eq!(f.bus.state, BackendState::Xenbus(XenbusState::Closing));
+        assert!(!f.connected);
+        front_writes(&s, &f, "6");
+        poll(&mut f);
+        assert_eq!(f.bus.state, BackendState::Xenbus(XenbusState::Closed));
+        assert_eq!(back_node(&f, "state"), "6");
+        // a frontend restarting (module reload) gets InitWait again, then a new connection
+        front_writes(&s, &f, "1");
+        poll(&mut f);
+        assert_eq!(f.bus.state, BackendState::Xenbus(XenbusState::InitWait));
+        front_writes(&s, &f, "4");
+        poll(&mut f);
+        assert_eq!(f.bus.state, BackendState::Xenbus(XenbusState::Connected));
+        assert_eq!(f.connects, 2);
+        assert!(f.bus.failure.is_none() && !f.bus.gone);
+        f.remove().unwrap();
+        assert!(f.bus.xs.read(Tx::NONE, &f.bus.paths.back("state")).is_err());
+    }
+
+    #[test]
+    fn a_frontend_the_device_cannot_serve_ends_it_once_published() {
+        let s = setup();
+        let mut f = fake(&s, true);
+        front_writes(&s, &f, "3");
+        poll(&mut f);
+        let why = "connecting: frontend asks for ring-page-order 9";
+        assert_eq!(f.bus.failure.as_deref(), Some(why));
+        assert_eq!(f.bus.state, BackendState::Xenbus(XenbusState::Closed));
+        assert_eq!(back_node(&f, ERROR_NODE), why);
+        assert_eq!(back_node(&f, "state"), "6");
+        // a second failure changes nothing; the frontend is no longer followed
+        f.fail("later".into());
+        assert_eq!(f.bus.failure.as_deref(), Some(why));
+        assert_eq!(back_node(&f, ERROR_NODE), why);
+        front_writes(&s, &f, "1");
+        poll(&mut f);
+        assert_eq!(f.bus.state, BackendState::Xenbus(XenbusState::Closed));
+        assert_eq!(f.connects, 0);
+    }
+
+    #[test]
+    fn a_garbage_frontend_state_fails_the_device() {
+        let s = setup();
+        let mut f = fake(&s, false);
+        front_writes(&s, &f, "connected");
+        poll(&mut f);
+        let why = f.bus.failure.clone().unwrap();
+        assert!(why.starts_with("frontend state: "), "{why}");
+        assert_eq!(back_node(&f, ERROR_NODE), why);
+        assert_eq!(back_node(&f, "state"), "6");
+    }
+
+    #[test]
+    fn a_gone_frontend_disconnects_and_ends_the_run() {
+        let s = setup();
+        let mut f = fake(&s, false);
+        front_writes(&s, &f, "4");
+        poll(&mut f);
+        assert!(f.connected);
+        let gxs = s.host.guest(s.domid).xenstore().unwrap();
+        let _ = gxs.rm(Tx::NONE, &f.bus.paths.frontend);
+        // run_until returns once the frontend is gone, without a stop
+        f.run_until(&AtomicBool::new(false)).unwrap();
+        assert!(f.bus.gone && !f.connected);
+        assert!(f.bus.failure.is_none());
+        // a stop ends it at once too
+        let mut g = fake(&s, false);
+        g.run_until(&AtomicBool::new(true)).unwrap();
+        assert!(!g.bus.gone);
+    }
+
+    #[test]
+    fn refused_requests_share_one_rate_limited_log() {
+        let s = setup();
+        let mut f = fake(&s, false);
+        for i in 0..LOGGED_BAD_REQUESTS {
+            assert!(f
+                .bus
+                .bad_request(Fake::KIND, format_args!("request {i} refused")));
+        }
+        assert!(!f.bus.bad_request(Fake::KIND, format_args!("one too many")));
+    }
+}
