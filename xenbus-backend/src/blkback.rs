@@ -770,15 +770,7 @@ impl<'h> Vbd<'h> {
         ]);
         let req = match parse_request(entry, &self.limits) {
             Ok(r) => r,
-            Err(e) => {
-                self.bad_request(format_args!("refused request: {e}"));
-                let op = if entry[0] == BLKIF_OP_INDIRECT {
-                    entry[1]
-                } else {
-                    entry[0]
-                };
-                return Some(BlkifResponse::new(raw_id, op, e.status()));
-            }
+            Err(e) => return Some(self.refused(entry, raw_id, &e)),
         };
         let (id, op) = (req.id(), req.operation());
         let taken = Instant::now();
@@ -985,6 +977,25 @@ impl<'h> Vbd<'h> {
         self.bus.bad_request(Self::KIND, msg);
     }
 
+    /// The one answer to a request that does not parse: logged (rate-limited), answered
+    /// with the error's status.
+    fn refused(
+        &mut self,
+        entry: &[u8; ENTRY_SIZE],
+        raw_id: u64,
+        e: &blkif::BlkifError,
+    ) -> BlkifResponse {
+        self.bad_request(format_args!("refused request: {e}"));
+        // blkfront matches the response's operation against what it queued: for an
+        // indirect request that is the inner operation
+        let op = if entry[0] == BLKIF_OP_INDIRECT {
+            entry[1]
+        } else {
+            entry[0]
+        };
+        BlkifResponse::new(raw_id, op, e.status())
+    }
+
     /// Serves one request (a private copy of its ring entry) and builds its response.
     fn handle(&mut self, entry: &[u8; ENTRY_SIZE]) -> BlkifResponse {
         let raw_id = u64::from_le_bytes([
@@ -992,17 +1003,7 @@ impl<'h> Vbd<'h> {
         ]);
         let req = match parse_request(entry, &self.limits) {
             Ok(r) => r,
-            Err(e) => {
-                self.bad_request(format_args!("refused request: {e}"));
-                // blkfront matches the response's operation against what it queued: for an
-                // indirect request that is the inner operation
-                let op = if entry[0] == BLKIF_OP_INDIRECT {
-                    entry[1]
-                } else {
-                    entry[0]
-                };
-                return BlkifResponse::new(raw_id, op, e.status());
-            }
+            Err(e) => return self.refused(entry, raw_id, &e),
         };
         let (id, op) = (req.id(), req.operation());
         let status = match self.execute(req) {
