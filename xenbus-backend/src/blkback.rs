@@ -23,9 +23,10 @@
 //! a guest does can panic the backend or make it touch memory outside its mappings.
 
 use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,9 +44,10 @@ use crate::blkif::{
 use crate::commit::{self, LoggedOp, OutputGate, ReleaseRecord};
 use crate::device::{self, DeviceError, DevicePaths};
 use crate::disk::{Disk, DiskError};
+use crate::driver::{Backend, Bus};
 use crate::journal::{Journal, JournalError, RingIdentity};
 use crate::ring::{BackRing, RingError};
-use crate::state::{react, BackendState, Reaction, XenbusState};
+use crate::state::{BackendState, XenbusState};
 
 /// Backend type directory: `/local/domain/0/backend/kemari-vbd/<domid>/<devid>`.
 pub const BACKEND_TYPE: &str = "kemari-vbd";
@@ -56,7 +58,7 @@ pub const MAX_RING_PAGE_ORDER: u32 = 2;
 /// The only ABI served (`protocol` node; absent means native, which is this).
 pub const PROTOCOL_X86_64: &str = "x86_64-abi";
 /// Node where the reason a device failed is published.
-pub const ERROR_NODE: &str = "kemari-error";
+pub const ERROR_NODE: &str = crate::driver::ERROR_NODE;
 /// Persistent grant mappings kept per device (as Linux's blkback `max_persistent_grants`); a
 /// request whose pages do not fit is served with a one-off mapping.
 pub const MAX_PERSISTENT_GRANTS: usize = 1056;
@@ -265,22 +267,16 @@ struct Conn {
 /// One virtual block device of one guest.
 pub struct Vbd<'h> {
     gnttab: &'h dyn GrantTables,
-    xs: Box<dyn XenStore>,
-    evtchn: Box<dyn EventChannels>,
-    paths: DevicePaths,
+    /// The xenbus side: handles, paths, state, the lifecycle ([`Backend`]).
+    bus: Bus,
     disk: Disk,
     limits: DiskLimits,
-    state: BackendState,
     conn: Option<Conn>,
     /// Frontend and backend agreed on persistent grants for the current connection.
     persistent: bool,
     /// Persistent grant -> its writable one-page mapping.
     pcache: HashMap<GrantRef, Box<dyn GrantMapping>>,
     stats: VbdStats,
-    failure: Option<String>,
-    gone: bool,
-    token: String,
-    bad_log: device::BadRequestLog,
     buf: Vec<u8>,
     journal_path: Option<PathBuf>,
     /// Output commit: the gate shared with the synchronization engine, its wake-up socket,
@@ -293,10 +289,10 @@ pub struct Vbd<'h> {
 impl std::fmt::Debug for Vbd<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vbd")
-            .field("paths", &self.paths)
-            .field("state", &self.state)
+            .field("paths", &self.bus.paths)
+            .field("state", &self.bus.state)
             .field("stats", &self.stats)
-            .field("failure", &self.failure)
+            .field("failure", &self.bus.failure)
             .finish_non_exhaustive()
     }
 }
@@ -323,23 +319,15 @@ impl<'h> Vbd<'h> {
             discard: disk.can_discard(),
             indirect: true,
         };
-        let token = format!("{BACKEND_TYPE}/{}/{}", config.domid, config.devid);
         Ok(Vbd {
             gnttab,
-            xs,
-            evtchn,
-            paths,
+            bus: Bus::new(xs, evtchn, paths, BACKEND_TYPE),
             disk,
             limits,
-            state: BackendState::Xenbus(XenbusState::Unknown),
             conn: None,
             persistent: false,
             pcache: HashMap::new(),
             stats: VbdStats::default(),
-            failure: None,
-            gone: false,
-            token,
-            bad_log: device::BadRequestLog::default(),
             buf: Vec::new(),
             gate: None,
             waker: None,
@@ -369,20 +357,23 @@ impl<'h> Vbd<'h> {
         ];
         let back = vbd.feature_nodes();
         let back_refs: Vec<(&str, String)> = back.iter().map(|(k, v)| (*k, v.clone())).collect();
-        device::create_nodes(vbd.xs.as_ref(), &vbd.paths, &front, &back_refs)?;
-        vbd.state = BackendState::Xenbus(XenbusState::Initialising);
+        device::create_nodes(vbd.bus.xs.as_ref(), &vbd.bus.paths, &front, &back_refs)?;
+        vbd.bus.state = BackendState::Xenbus(XenbusState::Initialising);
         if let Err(e) = vbd
             .start_watch()
             .and_then(|()| vbd.set_state(BackendState::Xenbus(XenbusState::InitWait)))
         {
-            if let Err(rm) = device::remove_nodes(vbd.xs.as_ref(), &vbd.paths) {
-                log::warn!("{}: cleanup after a failed create: {rm}", vbd.paths.backend);
+            if let Err(rm) = device::remove_nodes(vbd.bus.xs.as_ref(), &vbd.bus.paths) {
+                log::warn!(
+                    "{}: cleanup after a failed create: {rm}",
+                    vbd.bus.paths.backend
+                );
             }
             return Err(e);
         }
         log::info!(
             "{}: serving {} ({} sectors{}) to guest {} as {}",
-            vbd.paths.backend,
+            vbd.bus.paths.backend,
             vbd.disk.path().display(),
             vbd.disk.sectors(),
             if vbd.disk.readonly() {
@@ -391,7 +382,7 @@ impl<'h> Vbd<'h> {
                 ""
             },
             config.domid,
-            vbd.paths.frontend
+            vbd.bus.paths.frontend
         );
         Ok(vbd)
     }
@@ -406,7 +397,7 @@ impl<'h> Vbd<'h> {
         config: &VbdConfig,
     ) -> Result<Vbd<'h>, VbdError> {
         let mut vbd = Vbd::open(gnttab, xs, evtchn, config)?;
-        let front = device::frontend_state(vbd.xs.as_ref(), &vbd.paths)?;
+        let front = device::frontend_state(vbd.bus.xs.as_ref(), &vbd.bus.paths)?;
         if front != Some(XenbusState::Connected) {
             return Err(VbdError::NotConnected {
                 domid: config.domid,
@@ -414,12 +405,12 @@ impl<'h> Vbd<'h> {
                 state: front,
             });
         }
-        vbd.connect(true)?;
+        vbd.connect_ring(true)?;
         vbd.set_state(BackendState::Attached)?;
         if let Some(c) = &vbd.conn {
             log::info!(
                 "{}: attached to the live ring at index {} (port {})",
-                vbd.paths.backend,
+                vbd.bus.paths.backend,
                 c.ring.req_cons(),
                 c.port
             );
@@ -467,32 +458,9 @@ impl<'h> Vbd<'h> {
         v
     }
 
-    fn start_watch(&mut self) -> Result<(), VbdError> {
-        let path = self.paths.frontend_state();
-        self.xs
-            .watch(&path, &self.token)
-            .map_err(|source| self.hv_err(format!("watching {path}"), source))
-    }
-
-    fn hv_err(&self, what: String, source: HypervisorError) -> VbdError {
-        VbdError::Hypervisor {
-            domid: self.paths.domid,
-            devid: self.paths.devid,
-            what,
-            source,
-        }
-    }
-
-    fn set_state(&mut self, to: BackendState) -> Result<(), VbdError> {
-        device::publish_state(self.xs.as_ref(), &self.paths, self.state, to)?;
-        log::debug!("{}: {} -> {}", self.paths.backend, self.state, to);
-        self.state = to;
-        Ok(())
-    }
-
     /// The device's xenstore paths.
     pub fn paths(&self) -> &DevicePaths {
-        &self.paths
+        &self.bus.paths
     }
 
     /// Counters.
@@ -502,17 +470,17 @@ impl<'h> Vbd<'h> {
 
     /// The backend's state.
     pub fn state(&self) -> BackendState {
-        self.state
+        self.bus.state
     }
 
     /// Where the device is.
     pub fn status(&self) -> VbdStatus {
-        if let Some(f) = &self.failure {
+        if let Some(f) = &self.bus.failure {
             VbdStatus::Failed(f.clone())
-        } else if self.gone {
+        } else if self.bus.gone {
             VbdStatus::Gone
         } else {
-            VbdStatus::Active(self.state)
+            VbdStatus::Active(self.bus.state)
         }
     }
 
@@ -525,69 +493,14 @@ impl<'h> Vbd<'h> {
     /// handles everything pending. Errors are dom0-side failures (xenstore, event channel
     /// handle); guest misbehaviour shows in [`status`](Self::status) instead.
     pub fn poll(&mut self, timeout: Option<Duration>) -> Result<VbdStatus, VbdError> {
-        use nix::poll::{PollFd, PollFlags, PollTimeout};
-        let t = match timeout {
-            None => PollTimeout::NONE,
-            Some(d) => PollTimeout::try_from(d).unwrap_or(PollTimeout::MAX),
-        };
-        {
-            let mut fds = vec![
-                PollFd::new(self.xs.as_fd(), PollFlags::POLLIN),
-                PollFd::new(self.evtchn.as_fd(), PollFlags::POLLIN),
-            ];
-            if let Some(w) = &self.waker {
-                fds.push(PollFd::new(std::os::fd::AsFd::as_fd(w), PollFlags::POLLIN));
-            }
-            match nix::poll::poll(&mut fds, t) {
-                Ok(_) | Err(nix::Error::EINTR) => {}
-                Err(e) => return Err(VbdError::Poll(e)),
-            }
-        }
-        if let Some(w) = &self.waker {
-            commit::drain_waker(w);
-            if !self.held.is_empty() {
-                self.serve()?;
-            }
-        }
-        while let Some(ev) = self
-            .xs
-            .read_watch(Some(Duration::ZERO))
-            .map_err(|e| self.hv_err("reading xenstore watches".into(), e))?
-        {
-            if ev.token == self.token {
-                self.frontend_changed()?;
-            }
-        }
-        while let Some(port) = self
-            .evtchn
-            .pending()
-            .map_err(|e| self.hv_err("taking a pending event".into(), e))?
-        {
-            if self.local_port() == Some(port) {
-                self.serve()?;
-            }
-            // the port may have been unbound by a protocol error meanwhile
-            if self.local_port() == Some(port) {
-                self.evtchn
-                    .unmask(port)
-                    .map_err(|e| self.hv_err(format!("unmasking port {port}"), e))?;
-                // RING_FINAL_CHECK after unmask: a kick latched before it is not lost
-                self.serve()?;
-            }
-        }
+        self.poll_once(timeout)?;
         Ok(self.status())
     }
 
     /// Serves until the guest is gone or `stop` is set (checked every 200 ms); then closes the
     /// device and removes its nodes.
     pub fn run(&mut self, stop: &AtomicBool) -> Result<VbdStatus, VbdError> {
-        while !stop.load(Ordering::Relaxed) {
-            self.poll(Some(Duration::from_millis(200)))?;
-            // a failed device's guest may be gone too: its status stays Failed
-            if self.gone {
-                break;
-            }
-        }
+        self.run_until(stop)?;
         // output released just before the stop (the last ACK of a held checkpoint) goes out
         if !self.held.is_empty() {
             self.serve()?;
@@ -599,133 +512,63 @@ impl<'h> Vbd<'h> {
 
     /// Disconnects and removes the device's xenstore nodes.
     pub fn shutdown(&mut self) -> Result<(), VbdError> {
-        self.disconnect();
-        if let Err(e) = self.xs.unwatch(&self.paths.frontend_state(), &self.token) {
-            log::debug!("{}: unwatch: {e}", self.paths.backend);
-        }
-        device::remove_nodes(self.xs.as_ref(), &self.paths)?;
-        Ok(())
-    }
-
-    fn frontend_changed(&mut self) -> Result<(), VbdError> {
-        let front = match device::frontend_state(self.xs.as_ref(), &self.paths) {
-            Ok(Some(s)) => s,
-            Ok(None) => {
-                if !self.gone {
-                    log::info!(
-                        "{}: frontend {} is gone",
-                        self.paths.backend,
-                        self.paths.frontend
-                    );
-                }
-                self.disconnect();
-                self.gone = true;
-                return Ok(());
-            }
-            Err(DeviceError::State(e)) => {
-                self.fail(format!("frontend state: {e}"));
-                return Ok(());
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if self.failure.is_some() || self.gone {
-            return Ok(());
-        }
-        match react(self.state, front) {
-            Reaction::None => {}
-            Reaction::Connect => match self.connect(false) {
-                Ok(()) => {
-                    self.set_state(BackendState::Xenbus(XenbusState::Connected))?;
-                    log::info!(
-                        "{}: connected (ring of {} entries, port {:?})",
-                        self.paths.backend,
-                        self.conn.as_ref().map(|c| c.ring.size()).unwrap_or(0),
-                        self.local_port()
-                    );
-                    self.serve()?;
-                }
-                Err(e @ (VbdError::Device(DeviceError::Xenstore { .. }) | VbdError::Poll(_))) => {
-                    return Err(e)
-                }
-                Err(e) => self.fail(format!("connecting: {e}")),
-            },
-            Reaction::Close => {
-                self.disconnect();
-                if self.state != BackendState::Xenbus(XenbusState::Closing)
-                    && self.state != BackendState::Xenbus(XenbusState::Closed)
-                {
-                    self.set_state(BackendState::Xenbus(XenbusState::Closing))?;
-                }
-                if front == XenbusState::Closed
-                    && self.state == BackendState::Xenbus(XenbusState::Closing)
-                {
-                    self.set_state(BackendState::Xenbus(XenbusState::Closed))?;
-                }
-            }
-            Reaction::Reinitialise => {
-                if self
-                    .state
-                    .check_transition(BackendState::Xenbus(XenbusState::InitWait))
-                    .is_ok()
-                {
-                    self.set_state(BackendState::Xenbus(XenbusState::InitWait))?;
-                }
-            }
-        }
-        Ok(())
+        self.remove()
     }
 
     /// Reads the frontend's ring references and event channel, maps the ring and binds the
     /// channel. `attach`: take the ring at its current indexes.
-    fn connect(&mut self, attach: bool) -> Result<(), VbdError> {
+    fn connect_ring(&mut self, attach: bool) -> Result<(), VbdError> {
         let unsupported = |what: String| VbdError::Unsupported {
-            domid: self.paths.domid,
-            devid: self.paths.devid,
+            domid: self.bus.paths.domid,
+            devid: self.bus.paths.devid,
             what,
         };
-        let xs = self.xs.as_ref();
-        if let Some(p) = device::read_front(xs, &self.paths, "protocol")? {
+        let xs = self.bus.xs.as_ref();
+        if let Some(p) = device::read_front(xs, &self.bus.paths, "protocol")? {
             if p != PROTOCOL_X86_64 {
                 return Err(unsupported(format!("protocol {p:?}")));
             }
         }
-        let refs: Vec<GrantRef> = match device::read_front(xs, &self.paths, "ring-page-order")? {
-            None => vec![device::read_front_u32(xs, &self.paths, "ring-ref")?],
+        let refs: Vec<GrantRef> = match device::read_front(xs, &self.bus.paths, "ring-page-order")?
+        {
+            None => vec![device::read_front_u32(xs, &self.bus.paths, "ring-ref")?],
             Some(_) => {
-                let order = device::read_front_u32(xs, &self.paths, "ring-page-order")?;
+                let order = device::read_front_u32(xs, &self.bus.paths, "ring-page-order")?;
                 if order > MAX_RING_PAGE_ORDER {
                     return Err(unsupported(format!(
                         "ring-page-order {order}, max-ring-page-order is {MAX_RING_PAGE_ORDER}"
                     )));
                 }
                 (0..1u32 << order)
-                    .map(|i| device::read_front_u32(xs, &self.paths, &format!("ring-ref{i}")))
+                    .map(|i| device::read_front_u32(xs, &self.bus.paths, &format!("ring-ref{i}")))
                     .collect::<Result<_, _>>()?
             }
         };
-        let remote_port = device::read_front_u32(xs, &self.paths, "event-channel")?;
+        let remote_port = device::read_front_u32(xs, &self.bus.paths, "event-channel")?;
         // blkfront writes feature-persistent=1 when it will reuse its grants
-        let persistent = device::read_front(xs, &self.paths, "feature-persistent")?
+        let persistent = device::read_front(xs, &self.bus.paths, "feature-persistent")?
             .is_some_and(|v| v.trim() == "1");
         let mapping = self
             .gnttab
-            .map_grant_refs(self.paths.domid, &refs, true)
-            .map_err(|e| self.hv_err(format!("mapping ring grants {refs:?}"), e))?;
+            .map_grant_refs(self.bus.paths.domid, &refs, true)
+            .map_err(|e| {
+                Self::hv_err(&self.bus.paths, format!("mapping ring grants {refs:?}"), e)
+            })?;
         let ring = if attach {
             BackRing::attach(mapping, ENTRY_SIZE)
         } else {
             BackRing::new(mapping, ENTRY_SIZE)
         }
         .map_err(|source| VbdError::Ring {
-            domid: self.paths.domid,
-            devid: self.paths.devid,
+            domid: self.bus.paths.domid,
+            devid: self.bus.paths.devid,
             source,
         })?;
         let journal = match &self.journal_path {
             None => None,
             Some(path) => {
                 let id = RingIdentity {
-                    domid: u32::from(self.paths.domid),
+                    domid: u32::from(self.bus.paths.domid),
                     first_ref: refs.first().copied().unwrap_or_default(),
                     remote_port,
                 };
@@ -733,8 +576,8 @@ impl<'h> Vbd<'h> {
                 Some(
                     Journal::open(path, id, ring.size(), ENTRY_SIZE, attach).map_err(|source| {
                         VbdError::Journal {
-                            domid: self.paths.domid,
-                            devid: self.paths.devid,
+                            domid: self.bus.paths.domid,
+                            devid: self.bus.paths.devid,
                             source,
                         }
                     })?,
@@ -743,9 +586,16 @@ impl<'h> Vbd<'h> {
         };
         let replay_base = (attach && journal.is_some()).then(|| ring.req_cons());
         let port = self
+            .bus
             .evtchn
-            .bind_interdomain(self.paths.domid, remote_port)
-            .map_err(|e| self.hv_err(format!("binding event channel {remote_port}"), e))?;
+            .bind_interdomain(self.bus.paths.domid, remote_port)
+            .map_err(|e| {
+                Self::hv_err(
+                    &self.bus.paths,
+                    format!("binding event channel {remote_port}"),
+                    e,
+                )
+            })?;
         self.persistent = persistent;
         self.conn = Some(Conn {
             ring,
@@ -757,11 +607,11 @@ impl<'h> Vbd<'h> {
         Ok(())
     }
 
-    fn disconnect(&mut self) {
+    fn disconnect_ring(&mut self) {
         if !self.held.is_empty() {
             log::info!(
                 "{}: {} requests held for output commit dropped unanswered (device closed)",
-                self.paths.backend,
+                self.bus.paths.backend,
                 self.held.len()
             );
             self.stats.held_dropped += self.held.len() as u64;
@@ -771,47 +621,26 @@ impl<'h> Vbd<'h> {
         self.pcache.clear();
         self.persistent = false;
         if let Some(conn) = self.conn.take() {
-            if let Err(e) = self.evtchn.unbind(conn.port) {
-                log::warn!("{}: unbinding port {}: {e}", self.paths.backend, conn.port);
+            if let Err(e) = self.bus.evtchn.unbind(conn.port) {
+                log::warn!(
+                    "{}: unbinding port {}: {e}",
+                    self.bus.paths.backend,
+                    conn.port
+                );
             }
             // the device ended cleanly: nothing is left to take over
             if let Some(j) = conn.journal {
                 if let Err(e) = j.remove() {
-                    log::warn!("{}: {e}", self.paths.backend);
+                    log::warn!("{}: {e}", self.bus.paths.backend);
                 }
             }
             // dropping the ring unmaps it
         }
     }
 
-    /// Ends the device after a protocol error: logged once, published, ring unmapped.
-    fn fail(&mut self, why: String) {
-        if self.failure.is_some() {
-            return;
-        }
-        log::warn!(
-            "{}: guest {} broke the protocol, device closed: {why}",
-            self.paths.backend,
-            self.paths.domid
-        );
-        self.disconnect();
-        if let Err(e) = device::write_back(self.xs.as_ref(), &self.paths, ERROR_NODE, &why) {
-            log::warn!("{}: {e}", self.paths.backend);
-        }
-        for to in [XenbusState::Closing, XenbusState::Closed] {
-            let to = BackendState::Xenbus(to);
-            if self.state != to {
-                if let Err(e) = self.set_state(to) {
-                    log::warn!("{}: {e}", self.paths.backend);
-                }
-            }
-        }
-        self.failure = Some(why);
-    }
-
     /// Serves every queued request, publishes the responses, notifies the frontend if it
     /// asked, and re-arms `req_event` (RING_FINAL_CHECK_FOR_REQUESTS).
-    fn serve(&mut self) -> Result<(), VbdError> {
+    fn serve_rings(&mut self) -> Result<(), VbdError> {
         let Some(mut conn) = self.conn.take() else {
             return Ok(());
         };
@@ -837,7 +666,7 @@ impl<'h> Vbd<'h> {
     }
 
     fn serve_conn(&mut self, conn: &mut Conn) -> Result<(), VbdError> {
-        let (domid, devid) = (self.paths.domid, self.paths.devid);
+        let (domid, devid) = (self.bus.paths.domid, self.bus.paths.devid);
         let ring_err = move |source| VbdError::Ring {
             domid,
             devid,
@@ -866,9 +695,9 @@ impl<'h> Vbd<'h> {
             }
             self.release_held(conn).map_err(ring_err)?;
             if conn.ring.push_responses().map_err(ring_err)? {
-                self.evtchn
-                    .notify(conn.port)
-                    .map_err(|e| self.hv_err(format!("notifying port {}", conn.port), e))?;
+                self.bus.evtchn.notify(conn.port).map_err(|e| {
+                    Self::hv_err(&self.bus.paths, format!("notifying port {}", conn.port), e)
+                })?;
                 self.stats.notifies += 1;
             }
             if !conn.ring.final_check().map_err(ring_err)? {
@@ -900,7 +729,7 @@ impl<'h> Vbd<'h> {
             // dom0's tmpfs is full or gone: serving goes on, a takeover would lose this guarantee
             log::warn!(
                 "{}: in-flight journal disabled for this connection: {e}",
-                self.paths.backend
+                self.bus.paths.backend
             );
             conn.journal = None;
         }
@@ -913,8 +742,8 @@ impl<'h> Vbd<'h> {
     /// [`crate::commit`].
     pub fn protect(&mut self, gate: Arc<OutputGate>) -> Result<(), VbdError> {
         let waker = gate.waker().map_err(|source| VbdError::Waker {
-            domid: self.paths.domid,
-            devid: self.paths.devid,
+            domid: self.bus.paths.domid,
+            devid: self.bus.paths.devid,
             source,
         })?;
         self.gate = Some(gate);
@@ -941,19 +770,11 @@ impl<'h> Vbd<'h> {
         ]);
         let req = match parse_request(entry, &self.limits) {
             Ok(r) => r,
-            Err(e) => {
-                self.bad_request(format_args!("refused request: {e}"));
-                let op = if entry[0] == BLKIF_OP_INDIRECT {
-                    entry[1]
-                } else {
-                    entry[0]
-                };
-                return Some(BlkifResponse::new(raw_id, op, e.status()));
-            }
+            Err(e) => return Some(self.refused(entry, raw_id, &e)),
         };
         let (id, op) = (req.id(), req.operation());
         let taken = Instant::now();
-        let devid = self.paths.devid;
+        let devid = self.bus.paths.devid;
         let held = |epoch: Option<u64>, work: HeldWork| Held {
             id,
             op,
@@ -1093,7 +914,7 @@ impl<'h> Vbd<'h> {
             };
             let acked = gate.released();
             gate.record_release(&ReleaseRecord {
-                devid: self.paths.devid,
+                devid: self.bus.paths.devid,
                 id: h.id,
                 op: name,
                 epoch: h.epoch,
@@ -1124,7 +945,10 @@ impl<'h> Vbd<'h> {
             None
         } else {
             self.stats.oneoff_maps += 1;
-            Some(self.gnttab.map_grant_refs(self.paths.domid, &refs, false)?)
+            Some(
+                self.gnttab
+                    .map_grant_refs(self.bus.paths.domid, &refs, false)?,
+            )
         };
         let mut data = vec![0u8; blkif::total_sectors(segments) as usize * SECTOR_SIZE as usize];
         let mut pos = 0;
@@ -1150,7 +974,26 @@ impl<'h> Vbd<'h> {
 
     fn bad_request(&mut self, msg: std::fmt::Arguments<'_>) {
         self.stats.errors += 1;
-        self.bad_log.log(&self.paths.backend, "device", msg);
+        self.bus.bad_request(Self::KIND, msg);
+    }
+
+    /// The one answer to a request that does not parse: logged (rate-limited), answered
+    /// with the error's status.
+    fn refused(
+        &mut self,
+        entry: &[u8; ENTRY_SIZE],
+        raw_id: u64,
+        e: &blkif::BlkifError,
+    ) -> BlkifResponse {
+        self.bad_request(format_args!("refused request: {e}"));
+        // blkfront matches the response's operation against what it queued: for an
+        // indirect request that is the inner operation
+        let op = if entry[0] == BLKIF_OP_INDIRECT {
+            entry[1]
+        } else {
+            entry[0]
+        };
+        BlkifResponse::new(raw_id, op, e.status())
     }
 
     /// Serves one request (a private copy of its ring entry) and builds its response.
@@ -1160,17 +1003,7 @@ impl<'h> Vbd<'h> {
         ]);
         let req = match parse_request(entry, &self.limits) {
             Ok(r) => r,
-            Err(e) => {
-                self.bad_request(format_args!("refused request: {e}"));
-                // blkfront matches the response's operation against what it queued: for an
-                // indirect request that is the inner operation
-                let op = if entry[0] == BLKIF_OP_INDIRECT {
-                    entry[1]
-                } else {
-                    entry[0]
-                };
-                return BlkifResponse::new(raw_id, op, e.status());
-            }
+            Err(e) => return self.refused(entry, raw_id, &e),
         };
         let (id, op) = (req.id(), req.operation());
         let status = match self.execute(req) {
@@ -1246,7 +1079,7 @@ impl<'h> Vbd<'h> {
         } else {
             let pages = self
                 .gnttab
-                .map_grant_refs(self.paths.domid, indirect_grefs, false)?;
+                .map_grant_refs(self.bus.paths.domid, indirect_grefs, false)?;
             pages.read(0, &mut desc)?;
         }
         Ok(parse_indirect_segments(
@@ -1275,7 +1108,7 @@ impl<'h> Vbd<'h> {
             self.stats.oneoff_maps += 1;
             Some(
                 self.gnttab
-                    .map_grant_refs(self.paths.domid, &refs, dir == Direction::Read)?,
+                    .map_grant_refs(self.bus.paths.domid, &refs, dir == Direction::Read)?,
             )
         };
         let pcache = &self.pcache;
@@ -1337,7 +1170,10 @@ impl Vbd<'_> {
             return false;
         }
         for gref in missing {
-            match self.gnttab.map_grant_refs(self.paths.domid, &[gref], true) {
+            match self
+                .gnttab
+                .map_grant_refs(self.bus.paths.domid, &[gref], true)
+            {
                 Ok(m) => {
                     self.pcache.insert(gref, m);
                     self.stats.persistent_maps += 1;
@@ -1345,7 +1181,7 @@ impl Vbd<'_> {
                 Err(e) => {
                     log::debug!(
                         "{}: grant {gref} not mapped persistently: {e}",
-                        self.paths.backend
+                        self.bus.paths.backend
                     );
                     return false;
                 }
@@ -1363,6 +1199,73 @@ impl Vbd<'_> {
 impl Drop for Vbd<'_> {
     fn drop(&mut self) {
         self.disconnect();
+    }
+}
+
+impl Backend for Vbd<'_> {
+    type Error = VbdError;
+    const KIND: &'static str = "device";
+
+    fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    fn bus_mut(&mut self) -> &mut Bus {
+        &mut self.bus
+    }
+
+    fn hv_err(paths: &DevicePaths, what: String, source: HypervisorError) -> VbdError {
+        VbdError::Hypervisor {
+            domid: paths.domid,
+            devid: paths.devid,
+            what,
+            source,
+        }
+    }
+
+    fn is_dom0_failure(e: &VbdError) -> bool {
+        matches!(
+            e,
+            VbdError::Device(DeviceError::Xenstore { .. }) | VbdError::Poll(_)
+        )
+    }
+
+    fn connect_frontend(&mut self) -> Result<(), VbdError> {
+        self.connect_ring(false)
+    }
+
+    fn log_connected(&self) {
+        log::info!(
+            "{}: connected (ring of {} entries, port {:?})",
+            self.bus.paths.backend,
+            self.conn.as_ref().map(|c| c.ring.size()).unwrap_or(0),
+            self.local_port()
+        );
+    }
+
+    fn disconnect(&mut self) {
+        self.disconnect_ring();
+    }
+
+    fn serve(&mut self) -> Result<(), VbdError> {
+        self.serve_rings()
+    }
+
+    fn local_port(&self) -> Option<Port> {
+        Vbd::local_port(self)
+    }
+
+    fn poll_once(&mut self, timeout: Option<Duration>) -> Result<(), VbdError> {
+        let extra: Vec<BorrowedFd<'_>> = self.waker.iter().map(AsFd::as_fd).collect();
+        self.bus.wait(&extra, timeout).map_err(VbdError::Poll)?;
+        if let Some(w) = &self.waker {
+            commit::drain_waker(w);
+            if !self.held.is_empty() {
+                self.serve()?;
+            }
+        }
+        self.dispatch()?;
+        Ok(())
     }
 }
 

@@ -7,6 +7,10 @@
 //! * [`state`]: the xenbus state machine shared by every backend, including the project-defined
 //!   `Attached` state used by failover;
 //! * [`device`]: the frontend/backend xenstore directories of one device;
+//! * [`driver`]: the device lifecycle both backends share (frontend watch, state transitions,
+//!   the reaction to the frontend, poll dispatch, run/shutdown, the failure path) and the one
+//!   rate-limited path for refused guest requests; each backend implements its
+//!   `Backend` trait for what differs (connect, serve, disconnect, errors);
 //! * [`ring`]: the backend end of a Xen shared ring over a grant mapping, with hostile-index checks;
 //! * [`blkif`]: the block ring's wire format and request validation;
 //! * [`disk`]: raw image / block device backing store;
@@ -26,6 +30,7 @@ pub mod blkif;
 pub mod commit;
 pub mod device;
 pub mod disk;
+pub mod driver;
 pub mod journal;
 pub mod netback;
 pub mod netif;

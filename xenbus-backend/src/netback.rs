@@ -37,9 +37,9 @@
 
 use std::collections::VecDeque;
 use std::ops::Range;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,13 +52,14 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use crate::commit::{self, OutputGate, ReleaseRecord};
 use crate::device::{self, DeviceError, DevicePaths};
+use crate::driver::{Backend, Bus};
 use crate::netif::{
     checksum_location, complete_checksum, parse_tx_packet, RxRequest, RxResponse, TxChain,
     TxPacket, TxResponse, NETIF_EXTRA_TYPE_GSO, NETIF_GSO_TYPE_TCPV4, NETIF_RSP_ERROR,
     NETIF_RSP_NULL, NETIF_RSP_OKAY, RX_ENTRY_SIZE, TX_ENTRY_SIZE,
 };
 use crate::ring::{BackRing, RingError};
-use crate::state::{react, BackendState, Reaction, XenbusState};
+use crate::state::{BackendState, XenbusState};
 use crate::tap::{Tap, TapError, VnetHdr, VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, VNET_HDR_LEN};
 
 /// Backend type directory: `/local/domain/0/backend/kemari-vif/<domid>/<devid>`.
@@ -66,7 +67,7 @@ pub const BACKEND_TYPE: &str = "kemari-vif";
 /// Frontend device class (`xen-netfront` serves `device/vif`).
 pub const FRONTEND_CLASS: &str = "vif";
 /// Node where the reason a device failed is published.
-pub const ERROR_NODE: &str = "kemari-error";
+pub const ERROR_NODE: &str = crate::driver::ERROR_NODE;
 pub use crate::device::LOGGED_BAD_REQUESTS;
 /// Largest frame read from the tap (longer ones are truncated there and dropped here).
 const RX_BUF: usize = 65536;
@@ -318,9 +319,8 @@ struct Conn {
 /// One virtual network interface of one guest.
 pub struct Vif<'h> {
     gnttab: &'h dyn GrantTables,
-    xs: Box<dyn XenStore>,
-    evtchn: Box<dyn EventChannels>,
-    paths: DevicePaths,
+    /// The xenbus side: handles, paths, state, the lifecycle ([`Backend`]).
+    bus: Bus,
     config: VifConfig,
     /// Frames to the guest are read here.
     tap: Tap,
@@ -328,15 +328,10 @@ pub struct Vif<'h> {
     sink: Box<dyn TxSink>,
     /// Frames carry a virtio-net header both ways: scatter-gather and TCPv4 GSO are offered.
     vnet: bool,
-    state: BackendState,
     conn: Option<Conn>,
     /// The guest has posted receive buffers we have not used (poll the tap).
     rx_ready: bool,
     stats: VifStats,
-    failure: Option<String>,
-    gone: bool,
-    token: String,
-    bad_log: device::BadRequestLog,
     frame: Vec<u8>,
     rx_buf: Vec<u8>,
     commit: Option<HeldTx>,
@@ -345,11 +340,11 @@ pub struct Vif<'h> {
 impl std::fmt::Debug for Vif<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vif")
-            .field("paths", &self.paths)
+            .field("paths", &self.bus.paths)
             .field("tap", &self.tap.name())
-            .field("state", &self.state)
+            .field("state", &self.bus.state)
             .field("stats", &self.stats)
-            .field("failure", &self.failure)
+            .field("failure", &self.bus.failure)
             .finish_non_exhaustive()
     }
 }
@@ -377,21 +372,14 @@ impl<'h> Vif<'h> {
         let sink: Box<dyn TxSink> = Box::new(tap.try_clone()?);
         let mut vif = Vif {
             gnttab,
-            xs,
-            evtchn,
-            paths,
+            bus: Bus::new(xs, evtchn, paths, BACKEND_TYPE),
             config: config.clone(),
             vnet: tap.vnet_hdr(),
             tap,
             sink,
-            state: BackendState::Xenbus(XenbusState::Unknown),
             conn: None,
             rx_ready: false,
             stats: VifStats::default(),
-            failure: None,
-            gone: false,
-            token: format!("{BACKEND_TYPE}/{}/{}", config.domid, config.devid),
-            bad_log: device::BadRequestLog::default(),
             frame: Vec::with_capacity(RX_BUF),
             rx_buf: vec![0; RX_BUF],
             commit: None,
@@ -411,20 +399,23 @@ impl<'h> Vif<'h> {
             back.push(("feature-sg", "1".to_owned()));
             back.push(("feature-gso-tcpv4", "1".to_owned()));
         }
-        device::create_nodes(vif.xs.as_ref(), &vif.paths, &front, &back)?;
-        vif.state = BackendState::Xenbus(XenbusState::Initialising);
+        device::create_nodes(vif.bus.xs.as_ref(), &vif.bus.paths, &front, &back)?;
+        vif.bus.state = BackendState::Xenbus(XenbusState::Initialising);
         if let Err(e) = vif
             .start_watch()
             .and_then(|()| vif.set_state(BackendState::Xenbus(XenbusState::InitWait)))
         {
-            if let Err(rm) = device::remove_nodes(vif.xs.as_ref(), &vif.paths) {
-                log::warn!("{}: cleanup after a failed create: {rm}", vif.paths.backend);
+            if let Err(rm) = device::remove_nodes(vif.bus.xs.as_ref(), &vif.bus.paths) {
+                log::warn!(
+                    "{}: cleanup after a failed create: {rm}",
+                    vif.bus.paths.backend
+                );
             }
             return Err(e);
         }
         log::info!(
             "{}: vif {} of guest {} (mac {mac}) on tap {}",
-            vif.paths.backend,
+            vif.bus.paths.backend,
             config.devid,
             config.domid,
             vif.tap.name()
@@ -444,8 +435,8 @@ impl<'h> Vif<'h> {
     /// the guest are delivered at once (they become part of the next checkpoint).
     pub fn protect(&mut self, gate: Arc<OutputGate>) -> Result<(), VifError> {
         let waker = gate.waker().map_err(|source| VifError::Waker {
-            domid: self.paths.domid,
-            devid: self.paths.devid,
+            domid: self.bus.paths.domid,
+            devid: self.bus.paths.devid,
             source,
         })?;
         self.commit = Some(HeldTx {
@@ -479,7 +470,7 @@ impl<'h> Vif<'h> {
             };
             c.bytes -= buf.len();
             c.gate.record_release(&ReleaseRecord {
-                devid: self.paths.devid,
+                devid: self.bus.paths.devid,
                 id: n,
                 op: "tx",
                 epoch,
@@ -492,32 +483,9 @@ impl<'h> Vif<'h> {
         self.commit = Some(c);
     }
 
-    fn start_watch(&mut self) -> Result<(), VifError> {
-        let path = self.paths.frontend_state();
-        self.xs
-            .watch(&path, &self.token)
-            .map_err(|source| self.hv_err(format!("watching {path}"), source))
-    }
-
-    fn hv_err(&self, what: String, source: HypervisorError) -> VifError {
-        VifError::Hypervisor {
-            domid: self.paths.domid,
-            devid: self.paths.devid,
-            what,
-            source,
-        }
-    }
-
-    fn set_state(&mut self, to: BackendState) -> Result<(), VifError> {
-        device::publish_state(self.xs.as_ref(), &self.paths, self.state, to)?;
-        log::debug!("{}: {} -> {}", self.paths.backend, self.state, to);
-        self.state = to;
-        Ok(())
-    }
-
     /// The device's xenstore paths.
     pub fn paths(&self) -> &DevicePaths {
-        &self.paths
+        &self.bus.paths
     }
 
     /// What is served.
@@ -537,17 +505,17 @@ impl<'h> Vif<'h> {
 
     /// The backend's state.
     pub fn state(&self) -> BackendState {
-        self.state
+        self.bus.state
     }
 
     /// Where the device is.
     pub fn status(&self) -> VifStatus {
-        if let Some(f) = &self.failure {
+        if let Some(f) = &self.bus.failure {
             VifStatus::Failed(f.clone())
-        } else if self.gone {
+        } else if self.bus.gone {
             VifStatus::Gone
         } else {
-            VifStatus::Active(self.state)
+            VifStatus::Active(self.bus.state)
         }
     }
 
@@ -561,77 +529,14 @@ impl<'h> Vif<'h> {
     /// Errors are dom0-side failures (xenstore, event channel handle, tap); guest
     /// misbehaviour shows in [`status`](Self::status) instead.
     pub fn poll(&mut self, timeout: Option<Duration>) -> Result<VifStatus, VifError> {
-        use nix::poll::{PollFd, PollFlags, PollTimeout};
-        let t = match timeout {
-            None => PollTimeout::NONE,
-            Some(d) => PollTimeout::try_from(d).unwrap_or(PollTimeout::MAX),
-        };
-        let tap_ready = {
-            let watch_tap = self.rx_ready && self.conn.is_some();
-            let mut fds = vec![
-                PollFd::new(self.xs.as_fd(), PollFlags::POLLIN),
-                PollFd::new(self.evtchn.as_fd(), PollFlags::POLLIN),
-            ];
-            if watch_tap {
-                fds.push(PollFd::new(self.tap.as_fd(), PollFlags::POLLIN));
-            }
-            if let Some(c) = &self.commit {
-                fds.push(PollFd::new(c.waker.as_fd(), PollFlags::POLLIN));
-            }
-            match nix::poll::poll(&mut fds, t) {
-                Ok(_) | Err(nix::Error::EINTR) => {}
-                Err(e) => return Err(VifError::Poll(e)),
-            }
-            watch_tap
-                && fds
-                    .get(2)
-                    .and_then(|f| f.revents())
-                    .is_some_and(|r| !r.is_empty())
-        };
-        self.release_held();
-        while let Some(ev) = self
-            .xs
-            .read_watch(Some(Duration::ZERO))
-            .map_err(|e| self.hv_err("reading xenstore watches".into(), e))?
-        {
-            if ev.token == self.token {
-                self.frontend_changed()?;
-            }
-        }
-        let mut served = false;
-        while let Some(port) = self
-            .evtchn
-            .pending()
-            .map_err(|e| self.hv_err("taking a pending event".into(), e))?
-        {
-            if self.local_port() == Some(port) {
-                self.serve()?;
-                served = true;
-            }
-            if self.local_port() == Some(port) {
-                self.evtchn
-                    .unmask(port)
-                    .map_err(|e| self.hv_err(format!("unmasking port {port}"), e))?;
-                // RING_FINAL_CHECK after unmask: a kick latched before it is not lost
-                self.serve()?;
-            }
-        }
-        if tap_ready && !served {
-            self.serve()?;
-        }
+        self.poll_once(timeout)?;
         Ok(self.status())
     }
 
     /// Serves until the guest is gone or `stop` is set (checked every 200 ms); then closes the
     /// device and removes its nodes.
     pub fn run(&mut self, stop: &AtomicBool) -> Result<VifStatus, VifError> {
-        while !stop.load(Ordering::Relaxed) {
-            self.poll(Some(Duration::from_millis(200)))?;
-            // a failed device's guest may be gone too: its status stays Failed
-            if self.gone {
-                break;
-            }
-        }
+        self.run_until(stop)?;
         let status = self.status();
         self.shutdown()?;
         Ok(status)
@@ -642,92 +547,19 @@ impl<'h> Vif<'h> {
         // what was ACKed (or everything, if protection ended) still goes out; frames of a
         // checkpoint never ACKed were never committed and are dropped
         self.release_held();
-        self.disconnect();
-        if let Err(e) = self.xs.unwatch(&self.paths.frontend_state(), &self.token) {
-            log::debug!("{}: unwatch: {e}", self.paths.backend);
-        }
-        device::remove_nodes(self.xs.as_ref(), &self.paths)?;
-        Ok(())
-    }
-
-    fn frontend_changed(&mut self) -> Result<(), VifError> {
-        let front = match device::frontend_state(self.xs.as_ref(), &self.paths) {
-            Ok(Some(s)) => s,
-            Ok(None) => {
-                if !self.gone {
-                    log::info!(
-                        "{}: frontend {} is gone",
-                        self.paths.backend,
-                        self.paths.frontend
-                    );
-                }
-                self.disconnect();
-                self.gone = true;
-                return Ok(());
-            }
-            Err(DeviceError::State(e)) => {
-                self.fail(format!("frontend state: {e}"));
-                return Ok(());
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if self.failure.is_some() || self.gone {
-            return Ok(());
-        }
-        match react(self.state, front) {
-            Reaction::None => {}
-            Reaction::Connect => match self.connect() {
-                Ok(()) => {
-                    self.set_state(BackendState::Xenbus(XenbusState::Connected))?;
-                    log::info!(
-                        "{}: connected (port {:?}, tap {})",
-                        self.paths.backend,
-                        self.local_port(),
-                        self.tap.name()
-                    );
-                    self.serve()?;
-                }
-                Err(e @ (VifError::Device(DeviceError::Xenstore { .. }) | VifError::Poll(_))) => {
-                    return Err(e)
-                }
-                Err(e) => self.fail(format!("connecting: {e}")),
-            },
-            Reaction::Close => {
-                self.disconnect();
-                if self.state != BackendState::Xenbus(XenbusState::Closing)
-                    && self.state != BackendState::Xenbus(XenbusState::Closed)
-                {
-                    self.set_state(BackendState::Xenbus(XenbusState::Closing))?;
-                }
-                if front == XenbusState::Closed
-                    && self.state == BackendState::Xenbus(XenbusState::Closing)
-                {
-                    self.set_state(BackendState::Xenbus(XenbusState::Closed))?;
-                }
-            }
-            Reaction::Reinitialise => {
-                if self
-                    .state
-                    .check_transition(BackendState::Xenbus(XenbusState::InitWait))
-                    .is_ok()
-                {
-                    self.set_state(BackendState::Xenbus(XenbusState::InitWait))?;
-                }
-            }
-        }
-        Ok(())
+        self.remove()
     }
 
     /// Reads the frontend's ring references, event channel and settings, maps both rings and
     /// binds the channel.
-    fn connect(&mut self) -> Result<(), VifError> {
+    fn connect_rings(&mut self) -> Result<(), VifError> {
         let unsupported = |what: String| VifError::Unsupported {
-            domid: self.paths.domid,
-            devid: self.paths.devid,
+            domid: self.bus.paths.domid,
+            devid: self.bus.paths.devid,
             what,
         };
-        let xs = self.xs.as_ref();
-        let read = |node: &str| device::read_front(xs, &self.paths, node);
+        let xs = self.bus.xs.as_ref();
+        let read = |node: &str| device::read_front(xs, &self.bus.paths, node);
         if let Some(n) = read("multi-queue-num-queues")? {
             if n.trim() != "1" {
                 return Err(unsupported(format!(
@@ -749,15 +581,14 @@ impl<'h> Vif<'h> {
                 )));
             }
         }
-        let tx_ref = device::read_front_u32(xs, &self.paths, "tx-ring-ref")?;
-        let rx_ref = device::read_front_u32(xs, &self.paths, "rx-ring-ref")?;
-        let remote_port = device::read_front_u32(xs, &self.paths, "event-channel")?;
-        let (domid, devid) = (self.paths.domid, self.paths.devid);
+        let tx_ref = device::read_front_u32(xs, &self.bus.paths, "tx-ring-ref")?;
+        let rx_ref = device::read_front_u32(xs, &self.bus.paths, "rx-ring-ref")?;
+        let remote_port = device::read_front_u32(xs, &self.bus.paths, "event-channel")?;
+        let (domid, devid) = (self.bus.paths.domid, self.bus.paths.devid);
         let map = |r: GrantRef, name: &'static str| -> Result<BackRing, VifError> {
-            let m = self
-                .gnttab
-                .map_grant_refs(domid, &[r], true)
-                .map_err(|e| self.hv_err(format!("mapping {name} ring grant {r}"), e))?;
+            let m = self.gnttab.map_grant_refs(domid, &[r], true).map_err(|e| {
+                Self::hv_err(&self.bus.paths, format!("mapping {name} ring grant {r}"), e)
+            })?;
             let entry = if name == "tx" {
                 TX_ENTRY_SIZE
             } else {
@@ -773,58 +604,44 @@ impl<'h> Vif<'h> {
         let tx = map(tx_ref, "tx")?;
         let rx = map(rx_ref, "rx")?;
         let port = self
+            .bus
             .evtchn
             .bind_interdomain(domid, remote_port)
-            .map_err(|e| self.hv_err(format!("binding event channel {remote_port}"), e))?;
+            .map_err(|e| {
+                Self::hv_err(
+                    &self.bus.paths,
+                    format!("binding event channel {remote_port}"),
+                    e,
+                )
+            })?;
         self.conn = Some(Conn { tx, rx, port });
         self.rx_ready = false;
         self.stats.connects += 1;
         Ok(())
     }
 
-    fn disconnect(&mut self) {
+    fn disconnect_rings(&mut self) {
         self.rx_ready = false;
         if let Some(conn) = self.conn.take() {
-            if let Err(e) = self.evtchn.unbind(conn.port) {
-                log::warn!("{}: unbinding port {}: {e}", self.paths.backend, conn.port);
+            if let Err(e) = self.bus.evtchn.unbind(conn.port) {
+                log::warn!(
+                    "{}: unbinding port {}: {e}",
+                    self.bus.paths.backend,
+                    conn.port
+                );
             }
             // dropping the rings unmaps them
         }
     }
 
-    /// Ends the device after a protocol error: logged once, published, rings unmapped.
-    fn fail(&mut self, why: String) {
-        if self.failure.is_some() {
-            return;
-        }
-        log::warn!(
-            "{}: guest {} broke the protocol, vif closed: {why}",
-            self.paths.backend,
-            self.paths.domid
-        );
-        self.disconnect();
-        if let Err(e) = device::write_back(self.xs.as_ref(), &self.paths, ERROR_NODE, &why) {
-            log::warn!("{}: {e}", self.paths.backend);
-        }
-        for to in [XenbusState::Closing, XenbusState::Closed] {
-            let to = BackendState::Xenbus(to);
-            if self.state != to {
-                if let Err(e) = self.set_state(to) {
-                    log::warn!("{}: {e}", self.paths.backend);
-                }
-            }
-        }
-        self.failure = Some(why);
-    }
-
     fn bad_request(&mut self, msg: std::fmt::Arguments<'_>) {
-        self.bad_log.log(&self.paths.backend, "vif", msg);
+        self.bus.bad_request(Self::KIND, msg);
     }
 
     /// Serves both rings (guest TX, then frames for the guest while it has buffers),
     /// publishes the responses and notifies the frontend if it asked. A protocol error ends
     /// the device; only dom0-side failures are returned.
-    fn serve(&mut self) -> Result<(), VifError> {
+    fn serve_rings(&mut self) -> Result<(), VifError> {
         let Some(mut conn) = self.conn.take() else {
             return Ok(());
         };
@@ -847,7 +664,7 @@ impl<'h> Vif<'h> {
     }
 
     fn ring_err(&self, ring: &'static str) -> impl Fn(RingError) -> VifError {
-        let (domid, devid) = (self.paths.domid, self.paths.devid);
+        let (domid, devid) = (self.bus.paths.domid, self.bus.paths.devid);
         move |source| VifError::Ring {
             domid,
             devid,
@@ -861,9 +678,9 @@ impl<'h> Vif<'h> {
             let mut notify = self.serve_tx(conn)?;
             notify |= self.serve_rx(conn)?;
             if notify {
-                self.evtchn
-                    .notify(conn.port)
-                    .map_err(|e| self.hv_err(format!("notifying port {}", conn.port), e))?;
+                self.bus.evtchn.notify(conn.port).map_err(|e| {
+                    Self::hv_err(&self.bus.paths, format!("notifying port {}", conn.port), e)
+                })?;
                 self.stats.notifies += 1;
             }
             let tx_more = conn.tx.final_check().map_err(self.ring_err("tx"))?;
@@ -908,8 +725,8 @@ impl<'h> Vif<'h> {
             let vnet = self.vnet;
             let chain = parse_tx_packet(&slots[at..], |kind| vnet && kind == NETIF_EXTRA_TYPE_GSO)
                 .map_err(|source| VifError::Chain {
-                    domid: self.paths.domid,
-                    devid: self.paths.devid,
+                    domid: self.bus.paths.domid,
+                    devid: self.bus.paths.devid,
                     source,
                 })?;
             at += chain.consumed.max(1);
@@ -949,7 +766,7 @@ impl<'h> Vif<'h> {
     /// the range of its frame, or `None` (invalid packet, or its pages could not be mapped).
     /// Every mapping is gone when this returns.
     fn copy_tx_packets(&mut self, chains: &[TxChain]) -> Vec<Option<Range<usize>>> {
-        let domid = self.paths.domid;
+        let domid = self.bus.paths.domid;
         let refs: Vec<GrantRef> = chains
             .iter()
             .filter_map(|c| c.packet.as_ref().ok())
@@ -963,7 +780,7 @@ impl<'h> Vif<'h> {
                 Err(e) => {
                     log::debug!(
                         "{}: TX batch of {} pages not mapped ({e}), one packet at a time",
-                        self.paths.backend,
+                        self.bus.paths.backend,
                         refs.len()
                     );
                     None
@@ -1066,13 +883,13 @@ impl<'h> Vif<'h> {
                 if self.stats.tx_dropped <= u64::from(LOGGED_BAD_REQUESTS) {
                     log::warn!(
                         "{}: frame to {} lost: {e}",
-                        self.paths.backend,
+                        self.bus.paths.backend,
                         self.tap.name()
                     );
                 } else {
                     log::debug!(
                         "{}: frame to {} lost: {e}",
-                        self.paths.backend,
+                        self.bus.paths.backend,
                         self.tap.name()
                     );
                 }
@@ -1096,8 +913,8 @@ impl<'h> Vif<'h> {
                 Err(source) => {
                     self.frame = frames;
                     return Err(VifError::TapIo {
-                        domid: self.paths.domid,
-                        devid: self.paths.devid,
+                        domid: self.bus.paths.domid,
+                        devid: self.bus.paths.devid,
                         tap: self.tap.name().to_owned(),
                         source,
                     });
@@ -1143,7 +960,7 @@ impl<'h> Vif<'h> {
     /// Writes frame `i` (`lens[i]` bytes, one after the other in `frames`) into the page of
     /// `reqs[i]`; the status of each response (its size, or `NETIF_RSP_ERROR`).
     fn fill_rx_buffers(&mut self, reqs: &[RxRequest], lens: &[usize], frames: &[u8]) -> Vec<i16> {
-        let domid = self.paths.domid;
+        let domid = self.bus.paths.domid;
         let refs: Vec<GrantRef> = reqs.iter().map(|r| r.gref.get()).collect();
         let batch = if refs.is_empty() {
             None
@@ -1241,6 +1058,81 @@ fn copy_slots(
 impl Drop for Vif<'_> {
     fn drop(&mut self) {
         self.disconnect();
+    }
+}
+
+impl Backend for Vif<'_> {
+    type Error = VifError;
+    const KIND: &'static str = "vif";
+
+    fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    fn bus_mut(&mut self) -> &mut Bus {
+        &mut self.bus
+    }
+
+    fn hv_err(paths: &DevicePaths, what: String, source: HypervisorError) -> VifError {
+        VifError::Hypervisor {
+            domid: paths.domid,
+            devid: paths.devid,
+            what,
+            source,
+        }
+    }
+
+    fn is_dom0_failure(e: &VifError) -> bool {
+        matches!(
+            e,
+            VifError::Device(DeviceError::Xenstore { .. }) | VifError::Poll(_)
+        )
+    }
+
+    fn connect_frontend(&mut self) -> Result<(), VifError> {
+        self.connect_rings()
+    }
+
+    fn log_connected(&self) {
+        log::info!(
+            "{}: connected (port {:?}, tap {})",
+            self.bus.paths.backend,
+            self.local_port(),
+            self.tap.name()
+        );
+    }
+
+    fn disconnect(&mut self) {
+        self.disconnect_rings();
+    }
+
+    fn serve(&mut self) -> Result<(), VifError> {
+        self.serve_rings()
+    }
+
+    fn local_port(&self) -> Option<Port> {
+        Vif::local_port(self)
+    }
+
+    fn poll_once(&mut self, timeout: Option<Duration>) -> Result<(), VifError> {
+        let watch_tap = self.rx_ready && self.conn.is_some();
+        let tap_ready = {
+            let mut extra: Vec<BorrowedFd<'_>> = Vec::new();
+            if watch_tap {
+                extra.push(self.tap.as_fd());
+            }
+            if let Some(c) = &self.commit {
+                extra.push(c.waker.as_fd());
+            }
+            let ready = self.bus.wait(&extra, timeout).map_err(VifError::Poll)?;
+            watch_tap && ready.first().copied().unwrap_or(false)
+        };
+        self.release_held();
+        let served = self.dispatch()?;
+        if tap_ready && !served {
+            self.serve()?;
+        }
+        Ok(())
     }
 }
 
