@@ -262,13 +262,7 @@ impl CtlError {
 }
 
 /// This host's name, for messages about the local daemon.
-pub fn this_host() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "this host".to_string())
-}
+pub use crate::host::this_host;
 
 /// Connects and sends one request.
 pub fn call(socket: &Path, what: &str, req: &Request) -> Result<Reply, CtlError> {

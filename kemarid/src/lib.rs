@@ -13,6 +13,7 @@ pub mod debug;
 pub mod debug_image;
 pub mod domconfig;
 pub mod failover;
+pub mod host;
 pub mod launch;
 pub mod manpage;
 pub mod qmp;

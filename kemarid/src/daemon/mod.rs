@@ -199,11 +199,7 @@ impl Settings {
     /// in-memory mode the receiving workers' ports are picked by the OS.
     pub fn from_config(config: Config, mem: bool) -> Result<Settings, DaemonError> {
         let host = if config.daemon.hostname.is_empty() {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .ok()
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| "localhost".into())
+            crate::host::kernel_hostname().unwrap_or_else(|| "localhost".into())
         } else {
             config.daemon.hostname.clone()
         };

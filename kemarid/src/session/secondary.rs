@@ -464,15 +464,6 @@ pub fn this_host_xen() -> Result<(Arc<XenHost>, Box<dyn ReplicaBuilder>), XenOpe
     ))
 }
 
-/// This host's name.
-pub fn this_host() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "this host".into())
-}
-
 /// (serving the disk, stop asked, hand over asked)
 type FailoverFlags = Arc<(AtomicBool, AtomicBool, AtomicBool)>;
 
@@ -706,7 +697,7 @@ fn fail_over<'h>(
         );
     }
     let total = silent_at_start + t0.elapsed();
-    let host = this_host();
+    let host = crate::host::this_host();
     eprintln!(
         "failover: guest running on {host} as domain {} after {} ms (last heartbeat -> running; detection {} ms, image {:.0} ms, destroy {:.0} ms, restore {:.0} ms{}{}), last seq {}",
         report.domid,

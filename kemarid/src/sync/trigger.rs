@@ -176,7 +176,6 @@ impl Triggers {
                 st.fired = 0;
                 return Wakeup::Checkpoint { reasons, coalesced };
             }
-            let now = Instant::now();
             if now >= deadline {
                 return Wakeup::Checkpoint {
                     reasons: Reasons::INTERVAL,

@@ -126,7 +126,7 @@ lab_figure outside_samples "$samples"
 lab_figure outside_released_before_ack "$early"
 [ "$early" = 0 ] || { commit_logs; lab_fail "$early records reached host1's image before host2's copy: $early_first"; }
 [ "$midway" -ge 3 ] || lab_fail "only $midway samples of the images while the writer ran (need >= 3): the outside check saw too little"
-pline=$(grep -oE 'kemari-disk done.*' "$(lab_guest_console_file host1 commit-pvh)" | tail -1 | tr -d '\r')
+pline=$(grep -oE 'kemari-disk done.*' "$console" | tail -1 | tr -d '\r')
 echo "commit-pvh: $pline"
 case "$pline" in *"failed=0"*) ;; *) lab_fail "writes failed in the protected guest: $pline" ;; esac
 if lab_run host1 "grep -q 'SECONDARY LOST' /tmp/replicate-commit.log" 30; then

@@ -159,7 +159,7 @@ def page(path):
     return b
 VCPU_INFO_FIELDS = {0} | set(range(8, 16)) | set(range(32, 64))
 EVENT_WORD_BITS = 0xF001FFFF
-def is_vcpu_info(a, r, offs):
+def is_vcpu_info(offs):
     blocks = {o // 64 for o in offs}
     return len(blocks) == 1 and all(o % 64 in VCPU_INFO_FIELDS for o in offs)
 def is_event_words(a, r, offs):
@@ -175,7 +175,7 @@ for pfn in sys.argv[5:]:
     a = page(f"{run}/sync-page-{t}-{pfn}-primary.txt"); r = page(f"{run}/sync-page-{t}-{pfn}-replica.txt")
     offs = [i for i in range(4096) if a[i] != r[i]]
     desc = f"{pfn}@{[hex(o) for o in offs][:12]}"
-    v, e = is_vcpu_info(a, r, offs), is_event_words(a, r, offs)
+    v, e = is_vcpu_info(offs), is_event_words(a, r, offs)
     (both if v and e else only_v if v else only_e if e else bad).append(desc)
 # pages that fit both shapes count against whichever bound has room
 max_v, max_e = vcpus, 2 * vcpus

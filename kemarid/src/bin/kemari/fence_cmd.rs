@@ -4,11 +4,12 @@
 //! replicate` dies or hangs while protection is on.
 
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use hypervisor::DomId;
+use kemarid::daemon::report::unix_now;
 use kemarid::failover::fence::{self, Verdict};
 use kemarid::xltool::XlTool;
 
@@ -23,13 +24,6 @@ pub struct FenceGuardArgs {
     /// Only pause the guest (default: pause, then `xl destroy`).
     #[arg(long)]
     pub pause_only: bool,
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 /// The guardian's main: watch stdin, fence on a verdict.
